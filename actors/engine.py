@@ -1,0 +1,161 @@
+"""vLLM engine wrapper for Phi-4-multimodal: engine arguments from the job config, LoRA by modality,
+batched generation with per-request failure isolation.
+
+vLLM is imported only when an engine is built, so this module is cheap to import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from schemas.job import JobConfig
+from schemas.model import PHI4MM, Adapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineRequest:
+    prompt: str
+    images: list = field(default_factory=list)  # PIL images
+    audios: list[np.ndarray] = field(default_factory=list)  # float32 mono at 16 kHz
+    adapter: Adapter | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class EngineResult:
+    text: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None  # set when the engine rejected or failed this one request
+
+
+def lora_rank_of(model_path: str) -> int:
+    """The rank bound vLLM needs for the checkpoint's adapters, rounded up to a rank vLLM supports."""
+    ranks = []
+    for adapter in ("vision", "speech"):
+        cfg_file = Path(model_path) / PHI4MM.adapter_dir(adapter) / "adapter_config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(
+                f"LoRA adapter config {cfg_file} is missing. Phi-4-multimodal ships {PHI4MM.vision_lora_dir}/ and "
+                f"{PHI4MM.speech_lora_dir}/ beside its weights; point model.path at the full checkpoint, "
+                "or try model.use_lora: false to run the base model."
+            )
+        ranks.append(int(json.loads(cfg_file.read_text())["r"]))
+    needed = max(ranks)
+    for supported in PHI4MM.supported_lora_ranks:
+        if supported >= needed:
+            return supported
+    raise ValueError(f"adapter rank {needed} exceeds the largest rank vLLM supports ({PHI4MM.supported_lora_ranks[-1]}).")
+
+
+def engine_kwargs(config: JobConfig) -> dict:
+    """Keyword arguments for ``vllm.LLM`` derived from the job config."""
+    model, engine = config.model, config.engine
+    kwargs = dict(
+        model=model.path,
+        trust_remote_code=model.trust_remote_code,
+        load_format=model.load_format,
+        dtype=engine.dtype,
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine.max_num_seqs,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        enforce_eager=engine.enforce_eager,
+        seed=engine.seed,
+        distributed_executor_backend=engine.executor,
+        limit_mm_per_prompt={"image": engine.max_images_per_row, "audio": engine.max_audios_per_row},
+        mm_processor_kwargs={"dynamic_hd": engine.dynamic_hd},
+    )
+    if engine.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
+    if model.use_lora:
+        kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=model.max_lora_rank or lora_rank_of(model.path))
+    return kwargs
+
+
+class Phi4MMEngine:
+    """One vLLM engine. ``generate`` returns one ``EngineResult`` per request, in order, and never raises
+    because of a single bad request."""
+
+    def __init__(self, config: JobConfig):
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        self.config = config
+        started = time.perf_counter()
+        self.llm = LLM(**engine_kwargs(config))
+        self.startup_s = time.perf_counter() - started
+        self.lora_requests = {}
+        if config.model.use_lora:
+            for lora_id, adapter in enumerate(("vision", "speech"), start=1):
+                path = str(Path(config.model.path) / PHI4MM.adapter_dir(adapter))
+                self.lora_requests[adapter] = LoRARequest(f"phi4mm-{adapter}", lora_id, path)
+        logger.info("vLLM engine ready in %.1f s", self.startup_s)
+
+    def _sampling_params(self, request: EngineRequest):
+        from vllm import SamplingParams
+
+        s = self.config.sampling
+        return SamplingParams(
+            max_tokens=request.max_tokens or s.max_tokens,
+            temperature=s.temperature if request.temperature is None else request.temperature,
+            top_p=s.top_p if request.top_p is None else request.top_p,
+            seed=s.seed if request.seed is None else request.seed,
+            stop=list(s.stop) or None,
+            ignore_eos=s.ignore_eos,
+        )
+
+    def _prompt(self, request: EngineRequest) -> dict:
+        prompt: dict = {"prompt": request.prompt}
+        mm = {}
+        if request.images:
+            mm["image"] = request.images if len(request.images) > 1 else request.images[0]
+        if request.audios:
+            clips = [(a, PHI4MM.audio_sample_rate) for a in request.audios]
+            mm["audio"] = clips if len(clips) > 1 else clips[0]
+        if mm:
+            prompt["multi_modal_data"] = mm
+        return prompt
+
+    def _run(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        outputs = self.llm.generate(
+            [self._prompt(r) for r in requests],
+            sampling_params=[self._sampling_params(r) for r in requests],
+            lora_request=[self.lora_requests.get(r.adapter) if r.adapter else None for r in requests],
+            use_tqdm=False,
+        )
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            results.append(
+                EngineResult(
+                    text=completion.text,
+                    prompt_tokens=len(out.prompt_token_ids),
+                    completion_tokens=len(completion.token_ids),
+                    finish_reason=completion.finish_reason,
+                )
+            )
+        return results
+
+    def generate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        if not requests:
+            return []
+        try:
+            return self._run(requests)
+        except Exception as batch_error:  # vLLM rejects a whole generate() call for one invalid prompt
+            if len(requests) == 1:
+                return [EngineResult(error=f"{type(batch_error).__name__}: {batch_error}")]
+            logger.warning("batch of %d failed (%s); retrying one by one", len(requests), batch_error)
+            return [self.generate([r])[0] for r in requests]

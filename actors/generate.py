@@ -1,0 +1,81 @@
+"""The GPU stage: prepared rows -> output rows, through one vLLM engine per actor.
+
+``GenerateRows`` is a plain callable class. Rows that arrive as errors pass through untouched; every
+other row gets the engine's answer or an ENGINE_ERROR, so each prepared row yields one output row.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from actors.engine import EngineRequest, EngineResult, Phi4MMEngine
+from schemas.job import JobConfig
+from schemas.rows import OUTPUT_SCHEMA, ErrorCode, Status, output_row_from_prepared
+
+
+def run_init_hook(spec: str | None) -> None:
+    """Call the 'module:function' named by engine.init_hook (e.g. to register a model patch)."""
+    if not spec:
+        return
+    module, _, func = spec.partition(":")
+    if not func:
+        raise ValueError(f"engine.init_hook {spec!r} must look like 'package.module:function'.")
+    getattr(importlib.import_module(module), func)()
+
+
+def to_engine_request(row: dict) -> EngineRequest:
+    from PIL import Image
+
+    return EngineRequest(
+        prompt=row["prompt"],
+        images=[Image.frombytes("RGB", (im["width"], im["height"]), im["rgb"]) for im in row["images"] or []],
+        audios=[np.frombuffer(a, dtype="<f4") for a in row["audios"] or []],
+        adapter=row["adapter"],
+        max_tokens=row["max_tokens"],
+        temperature=row["temperature"],
+        top_p=row["top_p"],
+        seed=row["seed"],
+    )
+
+
+class GenerateRows:
+    """Runs every ok row of a batch through the engine in one batched call."""
+
+    def __init__(self, config: JobConfig, run_id: str, engine_factory: Callable[[JobConfig], object] | None = None):
+        run_init_hook(config.engine.init_hook)
+        self.config = config
+        self.run_id = run_id
+        self.engine = (engine_factory or Phi4MMEngine)(config)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prepared = batch.to_pylist()
+        rows = [output_row_from_prepared(p, self.config.model_name, self.run_id) for p in prepared]
+        todo = [i for i, p in enumerate(prepared) if p["status"] == Status.OK.value]
+        started = time.perf_counter()
+        results: list[EngineResult] = self.engine.generate([to_engine_request(prepared[i]) for i in todo])
+        elapsed = time.perf_counter() - started
+        if len(results) != len(todo):  # an engine that loses requests must not silently lose rows
+            raise RuntimeError(f"engine returned {len(results)} results for {len(todo)} requests")
+        for i, result in zip(todo, results):
+            row = rows[i]
+            row["generate_s"] = elapsed
+            if result.error is not None:
+                row.update(
+                    status=Status.ERROR.value,
+                    error_code=ErrorCode.ENGINE_ERROR.value,
+                    error_message=f"the engine rejected or failed this request: {result.error}",
+                    text=None,
+                )
+                continue
+            row.update(
+                text=result.text,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                finish_reason=result.finish_reason,
+            )
+        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)

@@ -1,0 +1,212 @@
+"""Media decoding: whatever a Parquet cell holds -> RGB pixels or 16 kHz mono float32 audio.
+
+Pure functions, no Ray, no engine. Failures raise ``RowError`` with a stable code; the CPU stage turns
+them into error rows.
+
+Accepted cell forms for an image or audio column (one item, or a list of items for several per row):
+- ``{"bytes": b"...", "path": "x.jpg"}``: Hugging Face datasets' storage type; bytes win over path;
+- raw ``bytes``;
+- a path string: absolute, relative to ``media_root``, or an fsspec URL (``s3://``, ``gs://``, ``file://``;
+  ``http(s)://`` only when allowed).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from math import gcd
+
+import numpy as np
+
+from schemas.model import PHI4MM
+from schemas.rows import ErrorCode, RowError
+
+
+@dataclass(frozen=True)
+class MediaSource:
+    """Where media bytes come from, with the settings that govern fetching them."""
+
+    media_root: str | None = None
+    allow_http: bool = False
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    rgb: bytes  # (height, width, 3) uint8, row-major
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    samples: np.ndarray  # float32 mono at PHI4MM.audio_sample_rate
+    source_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / PHI4MM.audio_sample_rate
+
+
+def as_items(cell) -> list:
+    """A cell as a list of media items: null -> [], a list -> its non-null items, anything else -> [cell]."""
+    if cell is None:
+        return []
+    if isinstance(cell, (list, tuple)):
+        return [item for item in cell if not _is_empty(item)]
+    return [] if _is_empty(cell) else [cell]
+
+
+def _is_empty(item) -> bool:
+    if item is None:
+        return True
+    if isinstance(item, dict):
+        return item.get("bytes") is None and not item.get("path")
+    return isinstance(item, (str, bytes)) and len(item) == 0
+
+
+def load_bytes(item, source: MediaSource, kind: str) -> tuple[bytes, str]:
+    """Return (bytes, a short description of where they came from) for one media item."""
+    if isinstance(item, dict):
+        if item.get("bytes") is not None:
+            return bytes(item["bytes"]), item.get("path") or "<bytes>"
+        item = item.get("path")
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item), "<bytes>"
+    if isinstance(item, str):
+        return _read_path(item, source, kind), item
+    raise RowError(
+        ErrorCode.INVALID_INPUT,
+        f"{kind} cell of type {type(item).__name__} is not media: expected struct<bytes, path>, binary or a path string.",
+    )
+
+
+def _read_path(path: str, source: MediaSource, kind: str) -> bytes:
+    scheme = path.split("://", 1)[0].lower() if "://" in path else ""
+    if scheme in ("http", "https") and not source.allow_http:
+        raise RowError(
+            ErrorCode.MEDIA_NOT_FOUND,
+            f"{kind} path {path!r} is an http(s) URL and fetching over HTTP is off. "
+            "Try setting input.allow_http: true, or store the bytes in the column.",
+        )
+    if not scheme and not os.path.isabs(path) and source.media_root:
+        path = os.path.join(source.media_root, path)
+    try:
+        if scheme:
+            import fsspec
+
+            with fsspec.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise RowError(
+            ErrorCode.MEDIA_NOT_FOUND,
+            f"{kind} file {path!r} could not be read ({type(e).__name__}). "
+            "Check the path, or set input.media_root to the directory relative paths start from.",
+        ) from e
+    except OSError as e:
+        raise RowError(ErrorCode.MEDIA_NOT_FOUND, f"{kind} file {path!r} could not be read: {e}.") from e
+
+
+def decode_image(data: bytes, where: str, max_pixels: int) -> DecodedImage:
+    """Decode to RGB: first frame of animations, EXIF orientation applied, alpha composited on white."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise RowError(ErrorCode.IMAGE_DECODE_ERROR, f"image {where} is empty (0 bytes).")
+    try:
+        # Header only: the pixel count is known before any pixel is decoded.
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise RowError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"image {where} is {width}x{height} = {width * height:,} pixels, over media.max_image_pixels "
+                f"({max_pixels:,}). Downscale it, or raise media.max_image_pixels if it is trusted.",
+            )
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    except RowError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise RowError(
+            ErrorCode.IMAGE_DECODE_ERROR, f"image {where} could not be decoded: {type(e).__name__}: {e}"
+        ) from e
+    if img.width < 1 or img.height < 1:
+        raise RowError(ErrorCode.IMAGE_DECODE_ERROR, f"image {where} has no pixels ({img.width}x{img.height}).")
+    return DecodedImage(rgb=img.tobytes(), width=img.width, height=img.height)
+
+
+def _to_rgb(img):
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255
+        arr = np.asarray(img, dtype=np.float64)
+        peak = arr.max() or 1.0
+        img = Image.fromarray((arr * (255.0 / peak)).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def decode_audio(data: bytes, where: str, min_seconds: float, max_seconds: float) -> DecodedAudio:
+    """Decode WAV/FLAC/OGG/MP3 with libsndfile, mix to mono and resample to 16 kHz."""
+    import soundfile as sf
+
+    if not data:
+        raise RowError(ErrorCode.AUDIO_DECODE_ERROR, f"audio {where} is empty (0 bytes).")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            duration = f.frames / rate if rate else 0.0
+            if duration > max_seconds:
+                raise RowError(
+                    ErrorCode.AUDIO_TOO_LONG,
+                    f"audio {where} lasts {duration:.1f} s, over media.max_audio_seconds ({max_seconds:g} s). "
+                    "Split it, or raise media.max_audio_seconds.",
+                )
+            samples = f.read(dtype="float32", always_2d=True)
+    except RowError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as e:
+        raise RowError(
+            ErrorCode.AUDIO_DECODE_ERROR, f"audio {where} could not be decoded: {type(e).__name__}: {e}"
+        ) from e
+    return prepare_waveform(samples.mean(axis=1), rate, where, min_seconds)
+
+
+def prepare_waveform(samples: np.ndarray, rate: int, where: str, min_seconds: float) -> DecodedAudio:
+    """Check the rate and length of a mono waveform and resample it to 16 kHz."""
+    target = PHI4MM.audio_sample_rate
+    if rate < PHI4MM.min_audio_sample_rate:
+        raise RowError(
+            ErrorCode.AUDIO_SAMPLE_RATE_UNSUPPORTED,
+            f"audio {where} is sampled at {rate} Hz; Phi-4-multimodal needs at least "
+            f"{PHI4MM.min_audio_sample_rate} Hz. Re-record or re-export it at 16 kHz.",
+        )
+    if len(samples) / rate < min_seconds:
+        raise RowError(
+            ErrorCode.AUDIO_TOO_SHORT,
+            f"audio {where} lasts {len(samples) / rate * 1000:.1f} ms, shorter than media.min_audio_seconds "
+            f"({min_seconds * 1000:g} ms): there is nothing to transcribe.",
+        )
+    samples = np.asarray(samples, dtype=np.float32)
+    if not np.isfinite(samples).all():
+        raise RowError(ErrorCode.AUDIO_DECODE_ERROR, f"audio {where} contains NaN or infinite samples.")
+    if rate != target:
+        from scipy.signal import resample_poly
+
+        g = gcd(rate, target)
+        samples = resample_poly(samples, target // g, rate // g).astype(np.float32)
+    # Resampling can leave a clip a few samples under one analysis window: the encoder needs a full one.
+    if len(samples) < PHI4MM.audio_window:
+        samples = np.pad(samples, (0, PHI4MM.audio_window - len(samples)))
+    return DecodedAudio(samples=np.ascontiguousarray(samples), source_rate=rate)

@@ -1,0 +1,144 @@
+"""The CPU stage: input rows -> prepared rows (decoded media, prompt, exact token count) or error rows.
+
+``PreprocessRows`` is a plain callable class: ``PreprocessRows(config)(pyarrow_table) -> pyarrow_table``.
+It never raises for a bad row and returns exactly one prepared row per input row, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import pyarrow as pa
+
+from actors.media import MediaSource, as_items, decode_audio, decode_image, load_bytes
+from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of
+from actors.tokens import num_audio_tokens, num_image_tokens
+from schemas.job import JobConfig
+from schemas.model import PHI4MM
+from schemas.rows import PREPARED_SCHEMA, ErrorCode, RowError, Status, empty_prepared_row
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(config: JobConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+
+
+class PreprocessRows:
+    """Decode media, build the Phi-4-mm prompt, count its tokens and check the budget, row by row."""
+
+    def __init__(self, config: JobConfig, tokenizer_factory: Callable[[JobConfig], object] = load_tokenizer):
+        self.config = config
+        self.columns = config.input.columns
+        self.source = MediaSource(media_root=config.input.media_root, allow_http=config.input.allow_http)
+        self.counter = PromptTokenCounter(tokenizer_factory(config))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self.prepare(row) for row in batch.to_pylist()]
+        return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
+
+    def prepare(self, row: dict) -> dict:
+        """One input row -> one prepared row; every failure becomes an error row with a stable code."""
+        started = time.process_time()
+        row_id = row.get(self.columns.id)
+        out = empty_prepared_row(None if row_id is None else str(row_id))
+        try:
+            if row_id is None or str(row_id) == "":
+                raise RowError(ErrorCode.MISSING_ID, f"the row has no value in id column {self.columns.id!r}.")
+            self._prepare_into(row, out)
+        except RowError as e:
+            out.update(status=Status.ERROR.value, error_code=e.code.value, error_message=e.message)
+        except Exception as e:  # a bug or an input nobody foresaw must still yield a row, not kill the job
+            logger.exception("unexpected preprocessing failure for row %r", row_id)
+            out.update(
+                status=Status.ERROR.value,
+                error_code=ErrorCode.PREPROCESS_ERROR.value,
+                error_message=f"unexpected {type(e).__name__}: {e}. This is a bug; please report it with the row.",
+            )
+        if out["status"] == Status.ERROR.value:
+            out.update(images=None, audios=None, prompt=None)
+        out["preprocess_s"] = time.process_time() - started
+        return out
+
+    def _prepare_into(self, row: dict, out: dict) -> None:
+        cols, media_cfg, engine = self.columns, self.config.media, self.config.engine
+        image_items = as_items(row.get(cols.image)) if cols.image else []
+        audio_items = as_items(row.get(cols.audio)) if cols.audio else []
+        user_text = row.get(cols.prompt) if cols.prompt else None
+        if user_text is not None and not isinstance(user_text, str):
+            raise RowError(ErrorCode.INVALID_INPUT, f"prompt column {cols.prompt!r} holds {type(user_text).__name__}, not text.")
+        if not image_items and not audio_items and not (user_text and user_text.strip()):
+            raise RowError(
+                ErrorCode.MISSING_INPUT,
+                "the row has no image, no audio and no prompt text: there is nothing to ask the model.",
+            )
+        for kind, items, limit in (("image", image_items, engine.max_images_per_row),
+                                   ("audio", audio_items, engine.max_audios_per_row)):  # fmt: skip
+            if len(items) > limit:
+                raise RowError(
+                    ErrorCode.TOO_MANY_MEDIA,
+                    f"the row has {len(items)} {kind} items; the engine accepts {limit} per row. "
+                    f"Try raising engine.max_{kind}s_per_row.",
+                )
+
+        images = [decode_image(*load_bytes(item, self.source, "image"), media_cfg.max_image_pixels) for item in image_items]
+        audios = [
+            decode_audio(*load_bytes(item, self.source, "audio"), media_cfg.min_audio_seconds, media_cfg.max_audio_seconds)
+            for item in audio_items
+        ]
+        modality = modality_of(len(images), len(audios))
+        prompt = build_prompt(
+            instruction_for(user_text, modality, self.config.prompt), len(images), len(audios), self.config.prompt.system
+        )
+        prompt_tokens = self.counter.count(
+            prompt,
+            [num_image_tokens(im.width, im.height, engine.dynamic_hd) for im in images],
+            [num_audio_tokens(len(a.samples)) for a in audios],
+        )
+        self._read_sampling(row, out)
+        max_tokens = out["max_tokens"] or self.config.sampling.max_tokens
+        if prompt_tokens + max_tokens > engine.max_model_len:
+            raise RowError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"the prompt takes {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+                f"{prompt_tokens + max_tokens} > engine.max_model_len ({engine.max_model_len}). "
+                "Try a smaller engine.dynamic_hd, shorter audio, a lower max_tokens, or a larger max_model_len.",
+            )
+        adapter = PHI4MM.adapter_for(len(images), len(audios)) if self.config.model.use_lora else None
+        out.update(
+            prompt=prompt,
+            images=[{"rgb": im.rgb, "width": im.width, "height": im.height} for im in images],
+            audios=[a.samples.astype("<f4").tobytes() for a in audios],
+            adapter=adapter,
+            prompt_tokens=prompt_tokens,
+            num_images=len(images),
+            num_audios=len(audios),
+            audio_seconds=sum(a.seconds for a in audios),
+        )
+
+    def _read_sampling(self, row: dict, out: dict) -> None:
+        cols = self.columns
+        for name, cast, valid, rule in (
+            ("max_tokens", int, lambda v: v >= 1, ">= 1"),
+            ("temperature", float, lambda v: v >= 0, ">= 0"),
+            ("top_p", float, lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("seed", int, lambda v: True, "an integer"),
+        ):
+            column = getattr(cols, name)
+            value = row.get(column) if column else None
+            if value is None:
+                continue
+            try:
+                value = cast(value)
+                ok = valid(value)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise RowError(
+                    ErrorCode.INVALID_SAMPLING, f"column {column!r} holds {row.get(column)!r}; {name} must be {rule}."
+                )
+            out[name] = value

@@ -1,0 +1,43 @@
+"""How a stage is scheduled, kept apart from what it does (the callable class in ``actors``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StageSpec(BaseModel):
+    """One ``map_batches`` step: a callable class run by a pool of actors."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    fn: type = Field(description="Callable class: __init__(**fn_constructor_kwargs), __call__(pa.Table) -> pa.Table.")
+    fn_constructor_kwargs: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments.")
+    concurrency: int | tuple[int, int] = Field(1, description="Actor pool size, or (min, max) to autoscale.")
+    batch_size: int = Field(16, ge=1, description="Rows per call.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the stage's actors.")
+    max_restarts: int = Field(0, ge=-1, description="Times Ray restarts a dead actor of this stage.")
+    max_task_retries: int = Field(0, ge=-1, description="Times a batch is retried on a restarted actor.")
+
+
+def apply(ds, stages: list[StageSpec]):
+    """Chain the stages onto a Ray dataset with the public ``map_batches``; nothing else."""
+    for stage in stages:
+        remote_args: dict[str, Any] = {"max_restarts": stage.max_restarts, "max_task_retries": stage.max_task_retries}
+        if stage.env:
+            remote_args["runtime_env"] = {"env_vars": dict(stage.env)}
+        ds = ds.map_batches(
+            stage.fn,
+            fn_constructor_kwargs=stage.fn_constructor_kwargs,
+            batch_size=stage.batch_size,
+            batch_format="pyarrow",
+            concurrency=stage.concurrency,
+            num_cpus=stage.num_cpus,
+            num_gpus=stage.num_gpus or None,
+            udf_modifying_row_count=False,
+            **remote_args,
+        )
+    return ds

@@ -1,0 +1,136 @@
+"""Row contracts: the input columns a job reads, the prepared rows between the CPU and GPU stages,
+and the output Arrow schema every job writes. Stable error codes live here too.
+
+Media columns follow Hugging Face datasets' storage type, ``struct<bytes: binary, path: string>``;
+plain ``binary`` and plain path strings are accepted as well (see ``actors.media``).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import pyarrow as pa
+
+
+class Status(str, Enum):
+    OK = "ok"
+    ERROR = "error"
+
+
+class ErrorCode(str, Enum):
+    """Stable codes of error rows. Codes are never renamed; new ones are only added (see CHANGELOG)."""
+
+    MISSING_ID = "MISSING_ID"
+    MISSING_INPUT = "MISSING_INPUT"
+    INVALID_INPUT = "INVALID_INPUT"
+    MEDIA_NOT_FOUND = "MEDIA_NOT_FOUND"
+    IMAGE_DECODE_ERROR = "IMAGE_DECODE_ERROR"
+    IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
+    AUDIO_DECODE_ERROR = "AUDIO_DECODE_ERROR"
+    AUDIO_SAMPLE_RATE_UNSUPPORTED = "AUDIO_SAMPLE_RATE_UNSUPPORTED"
+    AUDIO_TOO_SHORT = "AUDIO_TOO_SHORT"
+    AUDIO_TOO_LONG = "AUDIO_TOO_LONG"
+    TOO_MANY_MEDIA = "TOO_MANY_MEDIA"
+    PROMPT_TOO_LONG = "PROMPT_TOO_LONG"
+    INVALID_SAMPLING = "INVALID_SAMPLING"
+    PREPROCESS_ERROR = "PREPROCESS_ERROR"
+    ENGINE_ERROR = "ENGINE_ERROR"
+
+
+class RowError(Exception):
+    """A row-level failure with a stable code. Raised by stage internals, turned into an error row."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+# Media as Hugging Face datasets stores it (datasets.Image / datasets.Audio).
+MEDIA_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+# One decoded image handed from the CPU stage to the GPU stage: raw RGB uint8, row-major (h, w, 3).
+DECODED_IMAGE = pa.struct([("rgb", pa.large_binary()), ("width", pa.int32()), ("height", pa.int32())])
+
+# Per-row sampling overrides; null means "use the job's default".
+SAMPLING_FIELDS: list[pa.Field] = [
+    pa.field("max_tokens", pa.int32()),
+    pa.field("temperature", pa.float32()),
+    pa.field("top_p", pa.float32()),
+    pa.field("seed", pa.int64()),
+]
+
+STATUS_FIELDS: list[pa.Field] = [
+    pa.field("id", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_code", pa.string()),
+    pa.field("error_message", pa.string()),
+]
+
+# What the CPU stage emits and the GPU stage consumes. Internal: may change between releases.
+PREPARED_SCHEMA = pa.schema(
+    STATUS_FIELDS
+    + [
+        pa.field("prompt", pa.string()),
+        pa.field("images", pa.list_(DECODED_IMAGE)),
+        # float32 mono PCM at 16 kHz, little-endian bytes, one entry per audio clip
+        pa.field("audios", pa.list_(pa.large_binary())),
+        pa.field("adapter", pa.string()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("num_images", pa.int16()),
+        pa.field("num_audios", pa.int16()),
+        pa.field("audio_seconds", pa.float32()),
+    ]
+    + SAMPLING_FIELDS
+    + [pa.field("preprocess_s", pa.float32())]
+)
+
+# The public output contract. Changes are recorded in CHANGELOG.md.
+OUTPUT_SCHEMA = pa.schema(
+    STATUS_FIELDS
+    + [
+        pa.field("text", pa.string()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("completion_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("adapter", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("num_images", pa.int16()),
+        pa.field("num_audios", pa.int16()),
+        pa.field("audio_seconds", pa.float32()),
+        pa.field("preprocess_s", pa.float32()),
+        pa.field("generate_s", pa.float32()),
+        pa.field("run_id", pa.string()),
+    ],
+    metadata={"phi4mm_batch.output_schema_version": "1"},
+)
+
+OUTPUT_COLUMN_DOCS: dict[str, str] = {
+    "id": "The input row's id, copied verbatim.",
+    "status": "'ok' (text is the model's answer) or 'error' (error_code/error_message say why).",
+    "error_code": "Stable code of the failure (schemas.rows.ErrorCode); null when ok.",
+    "error_message": "What was wrong with the row and what to do about it; null when ok.",
+    "text": "Generated text; null for error rows.",
+    "prompt_tokens": "Prompt length in tokens, text plus image/audio placeholders, as vLLM counted it.",
+    "completion_tokens": "Generated tokens.",
+    "finish_reason": "'stop' (end token or stop string) or 'length' (hit max_tokens).",
+    "adapter": "LoRA adapter the row ran with: 'vision', 'speech' or null (text rows).",
+    "model": "Model path or name the row ran on.",
+    "num_images": "Images in the row.",
+    "num_audios": "Audio clips in the row.",
+    "audio_seconds": "Total audio duration in seconds.",
+    "preprocess_s": "CPU time spent decoding and preparing this row.",
+    "generate_s": "Wall time of the engine call that produced this row (shared by its batch).",
+    "run_id": "Id of the run that wrote the row (one per jobs.run invocation).",
+}
+
+
+def empty_prepared_row(row_id: str | None) -> dict:
+    return {f.name: None for f in PREPARED_SCHEMA} | {"id": row_id, "status": Status.OK.value}
+
+
+def output_row_from_prepared(prepared: dict, model: str, run_id: str) -> dict:
+    """Start an output row from a prepared row; fields only the engine knows stay null."""
+    row = {f.name: prepared.get(f.name) for f in OUTPUT_SCHEMA}
+    row.update(model=model, run_id=run_id)
+    return row

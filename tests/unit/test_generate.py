@@ -1,0 +1,74 @@
+"""The GPU stage with a stand-in engine: row bookkeeping only. The real engine is exercised in
+tests/integration (vLLM on the CPU)."""
+
+import numpy as np
+import pyarrow as pa
+
+from actors.engine import EngineResult, engine_kwargs, lora_rank_of
+from actors.generate import GenerateRows
+from schemas.rows import OUTPUT_SCHEMA, PREPARED_SCHEMA, empty_prepared_row
+from tests.helpers import make_config
+
+
+class EchoEngine:
+    """Answers with the prompt length; fails any request whose prompt contains 'FAIL'."""
+
+    def __init__(self, config):
+        self.calls = []
+
+    def generate(self, requests):
+        self.calls.append(requests)
+        return [
+            EngineResult(error="ValueError: rejected") if "FAIL" in r.prompt
+            else EngineResult(text=f"len={len(r.prompt)}", prompt_tokens=7, completion_tokens=3, finish_reason="length")
+            for r in requests
+        ]  # fmt: skip
+
+
+def _prepared(row_id, prompt, status="ok", **extra):
+    row = empty_prepared_row(row_id) | {"prompt": prompt, "status": status} | extra
+    return row
+
+
+def test_error_rows_pass_through_and_engine_errors_are_isolated(tiny_model, tmp_path):
+    cfg = make_config(tiny_model, tmp_path)
+    stage = GenerateRows(cfg, run_id="r1", engine_factory=EchoEngine)
+    audio = np.zeros(1600, "<f4").tobytes()
+    rows = [
+        _prepared("a", "<|user|>hi<|end|><|assistant|>"),
+        _prepared("b", None, status="error", error_code="IMAGE_DECODE_ERROR", error_message="bad"),
+        _prepared("c", "<|user|>FAIL<|end|><|assistant|>"),
+        _prepared("d", "<|user|><|audio_1|>x<|end|><|assistant|>", audios=[audio], adapter="speech", max_tokens=5),
+    ]
+    out = stage(pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA))
+    assert out.schema == OUTPUT_SCHEMA
+    got = out.to_pylist()
+    assert [r["id"] for r in got] == ["a", "b", "c", "d"]
+    assert [r["status"] for r in got] == ["ok", "error", "error", "ok"]
+    assert got[1]["error_code"] == "IMAGE_DECODE_ERROR"
+    assert got[2]["error_code"] == "ENGINE_ERROR" and "rejected" in got[2]["error_message"]
+    assert got[0]["text"].startswith("len=") and got[0]["run_id"] == "r1"
+    (batch,) = stage.engine.calls  # one batched call with the three ok rows
+    assert len(batch) == 3
+    assert batch[2].adapter == "speech" and batch[2].max_tokens == 5 and batch[2].audios[0].shape == (1600,)
+
+
+def test_engine_kwargs_from_config(tiny_model, tmp_path):
+    cfg = make_config(tiny_model, tmp_path)
+    kw = engine_kwargs(cfg)
+    assert kw["enable_lora"] and kw["max_loras"] == 2
+    assert kw["max_lora_rank"] == lora_rank_of(tiny_model) == 8
+    assert kw["mm_processor_kwargs"] == {"dynamic_hd": 1}
+    assert kw["limit_mm_per_prompt"] == {"image": 1, "audio": 1}
+    assert kw["trust_remote_code"] and kw["load_format"] == "dummy"
+    no_lora = make_config(tiny_model, tmp_path, model={"use_lora": False})
+    assert "enable_lora" not in engine_kwargs(no_lora)
+
+
+def test_lora_rank_rounds_up_to_a_supported_rank(tmp_path):
+    import json
+
+    for name, r in (("vision-lora", 256), ("speech-lora", 300)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": r}))
+    assert lora_rank_of(str(tmp_path)) == 320

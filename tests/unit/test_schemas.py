@@ -1,0 +1,93 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from jobs.make_sample_data import write_sample_dataset
+from schemas.job import JobConfig
+from schemas.model import PHI4MM
+from schemas.rows import OUTPUT_COLUMN_DOCS, OUTPUT_SCHEMA
+from tests.helpers import REPO
+
+BASE = {"input": {"path": "in"}, "output": {"path": "out"}, "model": {"path": "m"}}
+
+
+def test_model_facts():
+    assert (PHI4MM.image_token_id, PHI4MM.audio_token_id) == (200010, 200011)
+    assert PHI4MM.adapter_for(1, 0) == "vision"
+    assert PHI4MM.adapter_for(1, 1) == "vision"
+    assert PHI4MM.adapter_for(0, 2) == "speech"
+    assert PHI4MM.adapter_for(0, 0) is None
+    assert PHI4MM.adapter_dir("speech") == "speech-lora"
+
+
+def test_every_config_field_is_described():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+
+    walk(JobConfig)
+
+
+def test_every_output_column_is_documented():
+    assert set(OUTPUT_COLUMN_DOCS) == set(OUTPUT_SCHEMA.names)
+
+
+@pytest.mark.parametrize(
+    "patch,needle",
+    [
+        ({"engine": {"max_model_len": 100}, "sampling": {"max_tokens": 100}}, "Try lowering sampling.max_tokens"),
+        ({"engine": {"tensor_parallel_size": 2}, "resources": {"generate": {"num_gpus": 2}}}, "executor"),
+        ({"engine": {"tensor_parallel_size": 2, "executor": "mp"}, "resources": {"generate": {"num_gpus": 1}}},
+         "must equal engine.tensor_parallel_size"),
+        ({"resources": {"generate": {"concurrency": (3, 1)}}}, "min <= max"),
+        ({"engine": {"max_model_lenn": 1}}, "Extra inputs are not permitted"),
+    ],
+)  # fmt: skip
+def test_invalid_combinations_fail_with_advice(patch, needle):
+    raw = {**BASE, **patch}
+    with pytest.raises(ValidationError, match=needle):
+        JobConfig.model_validate(raw)
+
+
+def test_from_yaml_resolves_paths_against_the_file(tmp_path):
+    cfg_file = tmp_path / "conf" / "job.yaml"
+    cfg_file.parent.mkdir()
+    cfg_file.write_text("input: {path: ../data}\noutput: {path: s3://bucket/out}\nmodel: {path: /abs/model}\n")
+    cfg = JobConfig.from_yaml(cfg_file, {"input.limit": 5, "sampling.max_tokens": 9})
+    assert cfg.input.path == str((tmp_path / "data").resolve())
+    assert cfg.output.path == "s3://bucket/out"
+    assert cfg.model.path == "/abs/model"
+    assert (cfg.input.limit, cfg.sampling.max_tokens) == (5, 9)
+
+
+def test_demo_config_loads():
+    cfg = JobConfig.from_yaml(REPO / "jobs" / "configs" / "demo.yaml")
+    assert cfg.model.load_format == "dummy" and cfg.engine.enforce_eager
+
+
+def test_sample_dataset_is_hf_datasets_layout(tmp_path):
+    import datasets
+
+    path = write_sample_dataset(tmp_path / "sample.parquet")
+    features = datasets.Dataset.from_parquet(str(path)).features
+    assert isinstance(features["image"], datasets.Image)
+    assert isinstance(features["audio"], datasets.Audio)
+    table = pq.read_table(path)
+    assert table.schema.field("image").type.names == ["bytes", "path"]
+
+
+def test_light_packages_import_no_heavy_modules():
+    code = (
+        "import sys, schemas, schemas.job, schemas.rows, pipelines, actors, actors.preprocess, actors.generate;"
+        "heavy = [m for m in ('torch', 'vllm', 'ray', 'transformers') if m in sys.modules];"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(REPO), check=True)
+    assert out.stdout.strip() == ""
