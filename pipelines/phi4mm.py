@@ -47,8 +47,6 @@ def build_stages(config: JobConfig, run_id: str) -> list[StageSpec]:
             num_cpus=gen.num_cpus,
             num_gpus=gen.num_gpus,
             env=engine_env,
-            max_restarts=3,
-            max_task_retries=3,
         ),
     ]
 

@@ -19,16 +19,11 @@ class StageSpec(BaseModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the stage's actors.")
-    max_restarts: int = Field(0, ge=-1, description="Times Ray restarts a dead actor of this stage.")
-    max_task_retries: int = Field(0, ge=-1, description="Times a batch is retried on a restarted actor.")
 
 
 def apply(ds, stages: list[StageSpec]):
     """Chain the stages onto a Ray dataset with the public ``map_batches``; nothing else."""
     for stage in stages:
-        remote_args: dict[str, Any] = {"max_restarts": stage.max_restarts, "max_task_retries": stage.max_task_retries}
-        if stage.env:
-            remote_args["runtime_env"] = {"env_vars": dict(stage.env)}
         ds = ds.map_batches(
             stage.fn,
             fn_constructor_kwargs=stage.fn_constructor_kwargs,
@@ -38,6 +33,7 @@ def apply(ds, stages: list[StageSpec]):
             num_cpus=stage.num_cpus,
             num_gpus=stage.num_gpus or None,
             udf_modifying_row_count=False,
-            **remote_args,
+            # Ray Data restarts dead actors and retries their batches (max_restarts=-1 by default).
+            runtime_env={"env_vars": dict(stage.env)} if stage.env else None,
         )
     return ds

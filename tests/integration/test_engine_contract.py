@@ -1,0 +1,103 @@
+"""The GPU stage on the real vLLM CPU engine (in this process, SigLIP tower shrunk by the project's
+``jobs.tiny_vision`` hook; tests/integration/test_jobs_run.py runs the unmodified tower).
+
+What a stand-in engine cannot show: vLLM's own prompt_token_ids length equals the CPU stage's count,
+adapters really change the computation, one rejected request does not sink its batch, seeds repeat."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from actors.engine import EngineRequest
+from actors.generate import GenerateRows
+from actors.preprocess import PreprocessRows
+from schemas.rows import MEDIA_STRUCT
+from tests.helpers import MEDIA, make_config
+
+DYNAMIC_HD = 2
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model, tmp_path_factory):
+    return make_config(
+        tiny_model,
+        tmp_path_factory.mktemp("engine"),
+        engine={"dynamic_hd": DYNAMIC_HD, "init_hook": "jobs.tiny_vision:shrink_siglip", "max_model_len": 4096},
+        sampling={"max_tokens": 6},
+    )
+
+
+@pytest.fixture(scope="module")
+def generate(config):
+    return GenerateRows(config, run_id="contract")
+
+
+def _png(w, h, seed) -> bytes:
+    rgb = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _wav(seconds, rate, seed) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.random.default_rng(seed).normal(0, 0.1, int(seconds * rate)).astype(np.float32), rate, format="WAV")
+    return buf.getvalue()
+
+
+def _rows():
+    sizes = [(1, 1), (640, 300), (300, 900), (1500, 40), (40, 1500), (449, 448), (1000, 1000)]
+    rows = [{"id": f"img-{w}x{h}", "image": {"bytes": _png(w, h, i), "path": None}, "audio": None, "prompt": None}
+            for i, (w, h) in enumerate(sizes)]  # fmt: skip
+    for i, (sec, rate) in enumerate([(0.03, 16000), (1.7, 8000), (3.2, 22050), (2.0, 48000)]):
+        rows.append({"id": f"aud-{sec}s-{rate}", "image": None, "audio": {"bytes": _wav(sec, rate, i), "path": None},
+                     "prompt": "transcribe <|audio_1|> please"})  # fmt: skip
+    rows.append({"id": "both", "image": {"bytes": (MEDIA / "cat.jpg").read_bytes(), "path": None},
+                 "audio": {"bytes": (MEDIA / "question.flac").read_bytes(), "path": None}, "prompt": None})  # fmt: skip
+    rows.append({"id": "text", "image": None, "audio": None, "prompt": "hello <|image_1|> world"})
+    schema = pa.schema([("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def test_prompt_tokens_equal_vllm_prompt_token_ids(config, generate):
+    prepared = PreprocessRows(config)(_rows())
+    assert set(prepared.column("status").to_pylist()) == {"ok"}
+    out = generate(prepared).to_pylist()
+    ours = prepared.column("prompt_tokens").to_pylist()
+    theirs = [r["prompt_tokens"] for r in out]  # len(RequestOutput.prompt_token_ids)
+    assert [r["status"] for r in out] == ["ok"] * len(out)
+    assert theirs == ours
+    assert [r["adapter"] for r in out] == ["vision"] * 7 + ["speech"] * 4 + ["vision", None]
+    assert all(r["completion_tokens"] == 6 and r["finish_reason"] == "length" for r in out)
+
+
+def test_adapters_change_the_computation(generate):
+    engine = generate.engine
+    prompt = "<|user|>tell me about the world<|end|><|assistant|>"
+    base, vision, speech = engine.generate(
+        [EngineRequest(prompt=prompt), EngineRequest(prompt=prompt, adapter="vision"),
+         EngineRequest(prompt=prompt, adapter="speech")]  # fmt: skip
+    )
+    assert base.text != vision.text and vision.text != speech.text
+
+
+def test_a_rejected_request_does_not_sink_its_neighbours(generate):
+    good = EngineRequest(prompt="<|user|>hello<|end|><|assistant|>")
+    # Longer than max_model_len: vLLM rejects it at input processing (the CPU stage would have caught it).
+    bad = EngineRequest(prompt="<|user|>" + "hello " * 5000 + "<|end|><|assistant|>")
+    results = generate.engine.generate([good, bad, good])
+    assert [r.error is None for r in results] == [True, False, True]
+    assert "maximum context length" in results[1].error
+    assert results[0].text == results[2].text and results[0].completion_tokens == 6
+
+
+def test_seeded_sampling_repeats(generate):
+    req = EngineRequest(prompt="<|user|>hello world<|end|><|assistant|>", temperature=1.0, seed=11, max_tokens=12)
+    first, second = generate.engine.generate([req]), generate.engine.generate([req])
+    other = generate.engine.generate([EngineRequest(**{**req.__dict__, "seed": 12})])
+    assert first[0].text == second[0].text
+    assert first[0].text != other[0].text
