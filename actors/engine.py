@@ -97,6 +97,12 @@ class Phi4MMEngine:
         started = time.perf_counter()
         self.llm = LLM(**engine_kwargs(config))
         self.startup_s = time.perf_counter() - started
+        from vllm.platforms import current_platform
+
+        # vLLM's CPU LoRA ops index the stacked adapter weights with the row's slot, and a row without an
+        # adapter has slot -1, which torch reads as the *last* adapter: on the CPU a base (text) row that
+        # shares a step with adapter rows is silently computed with an adapter. Serve such rows apart there.
+        self.split_base_rows = config.model.use_lora and current_platform.is_cpu()
         self.lora_requests = {}
         if config.model.use_lora:
             for lora_id, adapter in enumerate(("vision", "speech"), start=1):
@@ -152,10 +158,21 @@ class Phi4MMEngine:
     def generate(self, requests: list[EngineRequest]) -> list[EngineResult]:
         if not requests:
             return []
+        groups = [[i for i, r in enumerate(requests) if (r.adapter is None) == base] for base in (True, False)]
+        if self.split_base_rows and all(groups):
+            results: list[EngineResult | None] = [None] * len(requests)
+            for group in groups:
+                for i, result in zip(group, self._generate_isolated([requests[i] for i in group])):
+                    results[i] = result
+            return results
+        return self._generate_isolated(requests)
+
+    def _generate_isolated(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        """One batched call; if vLLM rejects the call, retry one by one so only the bad request fails."""
         try:
             return self._run(requests)
         except Exception as batch_error:  # vLLM rejects a whole generate() call for one invalid prompt
             if len(requests) == 1:
                 return [EngineResult(error=f"{type(batch_error).__name__}: {batch_error}")]
             logger.warning("batch of %d failed (%s); retrying one by one", len(requests), batch_error)
-            return [self.generate([r])[0] for r in requests]
+            return [self._generate_isolated([r])[0] for r in requests]
