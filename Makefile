@@ -39,7 +39,7 @@ test-fast: .venv/.ready
 	$(PY) -m pytest -q tests/unit
 
 lint: .venv/.ready
-	$(PY) -m ruff check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 bench: .venv/.ready
 	$(PY) -m bench.preprocess

@@ -57,7 +57,9 @@ def lora_rank_of(model_path: str) -> int:
     for supported in PHI4MM.supported_lora_ranks:
         if supported >= needed:
             return supported
-    raise ValueError(f"adapter rank {needed} exceeds the largest rank vLLM supports ({PHI4MM.supported_lora_ranks[-1]}).")
+    raise ValueError(
+        f"adapter rank {needed} exceeds the largest rank vLLM supports ({PHI4MM.supported_lora_ranks[-1]})."
+    )
 
 
 def engine_kwargs(config: JobConfig) -> dict:
@@ -81,7 +83,9 @@ def engine_kwargs(config: JobConfig) -> dict:
     if engine.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
     if model.use_lora:
-        kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=model.max_lora_rank or lora_rank_of(model.path))
+        kwargs.update(
+            enable_lora=True, max_loras=2, max_lora_rank=model.max_lora_rank or lora_rank_of(model.path)
+        )
     return kwargs
 
 
@@ -158,11 +162,15 @@ class Phi4MMEngine:
     def generate(self, requests: list[EngineRequest]) -> list[EngineResult]:
         if not requests:
             return []
-        groups = [[i for i, r in enumerate(requests) if (r.adapter is None) == base] for base in (True, False)]
+        groups = [
+            [i for i, r in enumerate(requests) if (r.adapter is None) == base] for base in (True, False)
+        ]
         if self.split_base_rows and all(groups):
             results: list[EngineResult | None] = [None] * len(requests)
             for group in groups:
-                for i, result in zip(group, self._generate_isolated([requests[i] for i in group])):
+                for i, result in zip(
+                    group, self._generate_isolated([requests[i] for i in group]), strict=True
+                ):
                     results[i] = result
             return results
         return self._generate_isolated(requests)

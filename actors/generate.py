@@ -46,7 +46,9 @@ def to_engine_request(row: dict) -> EngineRequest:
 class GenerateRows:
     """Runs every ok row of a batch through the engine in one batched call."""
 
-    def __init__(self, config: JobConfig, run_id: str, engine_factory: Callable[[JobConfig], object] | None = None):
+    def __init__(
+        self, config: JobConfig, run_id: str, engine_factory: Callable[[JobConfig], object] | None = None
+    ):
         run_init_hook(config.engine.init_hook)
         self.config = config
         self.run_id = run_id
@@ -59,9 +61,8 @@ class GenerateRows:
         started = time.perf_counter()
         results: list[EngineResult] = self.engine.generate([to_engine_request(prepared[i]) for i in todo])
         elapsed = time.perf_counter() - started
-        if len(results) != len(todo):  # an engine that loses requests must not silently lose rows
-            raise RuntimeError(f"engine returned {len(results)} results for {len(todo)} requests")
-        for i, result in zip(todo, results):
+        # strict: an engine that loses requests must fail loudly, never silently lose rows
+        for i, result in zip(todo, results, strict=True):
             row = rows[i]
             row["generate_s"] = elapsed
             if result.error is not None:

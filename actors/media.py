@@ -135,7 +135,9 @@ def decode_image(data: bytes, where: str, max_pixels: int) -> DecodedImage:
             ErrorCode.IMAGE_DECODE_ERROR, f"image {where} could not be decoded: {type(e).__name__}: {e}"
         ) from e
     if img.width < 1 or img.height < 1:
-        raise RowError(ErrorCode.IMAGE_DECODE_ERROR, f"image {where} has no pixels ({img.width}x{img.height}).")
+        raise RowError(
+            ErrorCode.IMAGE_DECODE_ERROR, f"image {where} has no pixels ({img.width}x{img.height})."
+        )
     return DecodedImage(rgb=img.tobytes(), width=img.width, height=img.height)
 
 

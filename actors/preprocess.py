@@ -48,7 +48,9 @@ class PreprocessRows:
         out = empty_prepared_row(None if row_id is None else str(row_id))
         try:
             if row_id is None or str(row_id) == "":
-                raise RowError(ErrorCode.MISSING_ID, f"the row has no value in id column {self.columns.id!r}.")
+                raise RowError(
+                    ErrorCode.MISSING_ID, f"the row has no value in id column {self.columns.id!r}."
+                )
             self._prepare_into(row, out)
         except RowError as e:
             out.update(status=Status.ERROR.value, error_code=e.code.value, error_message=e.message)
@@ -70,7 +72,10 @@ class PreprocessRows:
         audio_items = as_items(row.get(cols.audio)) if cols.audio else []
         user_text = row.get(cols.prompt) if cols.prompt else None
         if user_text is not None and not isinstance(user_text, str):
-            raise RowError(ErrorCode.INVALID_INPUT, f"prompt column {cols.prompt!r} holds {type(user_text).__name__}, not text.")
+            raise RowError(
+                ErrorCode.INVALID_INPUT,
+                f"prompt column {cols.prompt!r} holds {type(user_text).__name__}, not text.",
+            )
         if not image_items and not audio_items and not (user_text and user_text.strip()):
             raise RowError(
                 ErrorCode.MISSING_INPUT,
@@ -85,14 +90,24 @@ class PreprocessRows:
                     f"Try raising engine.max_{kind}s_per_row.",
                 )
 
-        images = [decode_image(*load_bytes(item, self.source, "image"), media_cfg.max_image_pixels) for item in image_items]
+        images = [
+            decode_image(*load_bytes(item, self.source, "image"), media_cfg.max_image_pixels)
+            for item in image_items
+        ]
         audios = [
-            decode_audio(*load_bytes(item, self.source, "audio"), media_cfg.min_audio_seconds, media_cfg.max_audio_seconds)
+            decode_audio(
+                *load_bytes(item, self.source, "audio"),
+                media_cfg.min_audio_seconds,
+                media_cfg.max_audio_seconds,
+            )
             for item in audio_items
         ]
         modality = modality_of(len(images), len(audios))
         prompt = build_prompt(
-            instruction_for(user_text, modality, self.config.prompt), len(images), len(audios), self.config.prompt.system
+            instruction_for(user_text, modality, self.config.prompt),
+            len(images),
+            len(audios),
+            self.config.prompt.system,
         )
         prompt_tokens = self.counter.count(
             prompt,
@@ -139,6 +154,7 @@ class PreprocessRows:
                 ok = False
             if not ok:
                 raise RowError(
-                    ErrorCode.INVALID_SAMPLING, f"column {column!r} holds {row.get(column)!r}; {name} must be {rule}."
+                    ErrorCode.INVALID_SAMPLING,
+                    f"column {column!r} holds {row.get(column)!r}; {name} must be {rule}.",
                 )
             out[name] = value

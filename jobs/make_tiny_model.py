@@ -205,7 +205,9 @@ def write_tiny_checkpoint(out_dir: str | Path, dynamic_hd: int = 1, lora_rank: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="Directory to write the checkpoint into.")
-    parser.add_argument("--dynamic-hd", type=int, default=1, help="Max HD crops per image (default 1: fast on CPU).")
+    parser.add_argument(
+        "--dynamic-hd", type=int, default=1, help="Max HD crops per image (default 1: fast on CPU)."
+    )
     parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the random LoRA adapters.")
     args = parser.parse_args(argv)
     out = write_tiny_checkpoint(args.out_dir, args.dynamic_hd, args.lora_rank)

@@ -78,7 +78,9 @@ def format_summary(summary: dict) -> str:
         f"  rows written     {summary['rows_written']}  (ok {status.get('ok', 0)}, error {status.get('error', 0)})",
     ]
     if summary["rows_skipped_already_done"]:
-        lines.append(f"  rows skipped     {summary['rows_skipped_already_done']} already in the output (resume)")
+        lines.append(
+            f"  rows skipped     {summary['rows_skipped_already_done']} already in the output (resume)"
+        )
     for code, n in summary["error_codes"].items():
         lines.append(f"    {code:<28} {n}")
     audit = summary["audit"]

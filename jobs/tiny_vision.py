@@ -24,6 +24,8 @@ def shrink_siglip() -> None:
             image_size=PHI4MM.crop_size, patch_size=PHI4MM.patch_size, model_type="siglip_vision_model", **kwargs,
         )  # fmt: skip
         layers = config.num_hidden_layers + layer_idx + 1 if layer_idx < 0 else layer_idx + 1
-        return Idefics2VisionTransformer(config=config, require_post_norm=False, num_hidden_layers_override=layers)
+        return Idefics2VisionTransformer(
+            config=config, require_post_norm=False, num_hidden_layers_override=layers
+        )
 
     phi4mm.get_navit_vision_model = tiny_navit_vision_model

@@ -152,4 +152,6 @@ def audit(input_ids: pa.Array | None, output_uri: str) -> Audit:
     diff = pc.subtract(n_out, n_in)
     missing = int(pc.sum(pc.if_else(pc.less(diff, 0), pc.negate(diff), 0)).as_py() or 0)
     duplicates = int(pc.sum(pc.if_else(pc.greater(diff, 0), diff, 0)).as_py() or 0)
-    return Audit(input_rows=len(input_ids), output_rows=len(out_ids), missing_ids=missing, duplicate_ids=duplicates)
+    return Audit(
+        input_rows=len(input_ids), output_rows=len(out_ids), missing_ids=missing, duplicate_ids=duplicates
+    )

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.io import audit, prepare_output, write_manifest, write_part_files
+from pipelines.io import audit, prepare_output, write_manifest
 from pipelines.spec import StageSpec, apply
 from schemas.job import JobConfig
 
@@ -77,18 +77,22 @@ def warn_if_resources_short(config: JobConfig) -> None:
     import ray
 
     res = config.resources
+
     def least(stage):
         return stage.concurrency[0] if isinstance(stage.concurrency, tuple) else stage.concurrency
 
     # Ray Data's file-listing task asks for a whole CPU, whatever io_num_cpus says.
     io = max(1.0, res.io_num_cpus)
-    needed = least(res.preprocess) * res.preprocess.num_cpus + least(res.generate) * res.generate.num_cpus + io
+    needed = (
+        least(res.preprocess) * res.preprocess.num_cpus + least(res.generate) * res.generate.num_cpus + io
+    )
     available = ray.cluster_resources().get("CPU", 0)
     if available < needed:
         logger.warning(
             "the cluster has %.1f CPUs but the actor pools plus one file-listing/read/write task need %.1f: unless the "
             "cluster autoscales, the job will stall. Try lowering resources.*.num_cpus or resources.io_num_cpus.",
-            available, needed,
+            available,
+            needed,
         )
 
 
@@ -122,7 +126,9 @@ def run_pipeline(config: JobConfig, run_id: str) -> dict[str, Any]:
     if len(done_ids):
         logger.info("resume: %d rows already in %s are skipped", len(done_ids), config.output.path)
         ds = ds.map_batches(
-            _drop_done, batch_format="pyarrow", fn_kwargs={"id_column": config.input.columns.id, "done_ids": done_ids}
+            _drop_done,
+            batch_format="pyarrow",
+            fn_kwargs={"id_column": config.input.columns.id, "done_ids": done_ids},
         )
     ds = apply(ds, build_stages(config, run_id))
     from pipelines.sink import CommittingParquetSink

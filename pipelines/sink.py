@@ -19,7 +19,9 @@ class CommittingParquetSink(Datasink):
         tables = [t for t in tables if t.num_rows]
         if not tables:
             return WriteStats()
-        return write_part_files(pa.concat_tables(tables), self.uri, self.run_id, ctx.task_idx, self.rows_per_file)
+        return write_part_files(
+            pa.concat_tables(tables), self.uri, self.run_id, ctx.task_idx, self.rows_per_file
+        )
 
     def on_write_complete(self, write_result) -> None:
         for stats in write_result.write_returns:

@@ -12,13 +12,17 @@ class StageSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    fn: type = Field(description="Callable class: __init__(**fn_constructor_kwargs), __call__(pa.Table) -> pa.Table.")
+    fn: type = Field(
+        description="Callable class: __init__(**fn_constructor_kwargs), __call__(pa.Table) -> pa.Table."
+    )
     fn_constructor_kwargs: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments.")
     concurrency: int | tuple[int, int] = Field(1, description="Actor pool size, or (min, max) to autoscale.")
     batch_size: int = Field(16, ge=1, description="Rows per call.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the stage's actors.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of the stage's actors."
+    )
 
 
 def apply(ds, stages: list[StageSpec]):

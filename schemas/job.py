@@ -21,24 +21,39 @@ class _Strict(BaseModel):
 class ColumnsConfig(_Strict):
     """Names of the input columns. Set a media or prompt column to null when the dataset has none."""
 
-    id: str = Field("id", description="Unique row id, copied to the output; used to skip done rows on resume.")
-    image: str | None = Field("image", description="Image column: struct<bytes,path>, binary, path, or a list of those.")
-    audio: str | None = Field("audio", description="Audio column: struct<bytes,path>, binary, path, or a list of those.")
-    prompt: str | None = Field("prompt", description="Per-row instruction text; rows with null use prompt.default_*.")
+    id: str = Field(
+        "id", description="Unique row id, copied to the output; used to skip done rows on resume."
+    )
+    image: str | None = Field(
+        "image", description="Image column: struct<bytes,path>, binary, path, or a list of those."
+    )
+    audio: str | None = Field(
+        "audio", description="Audio column: struct<bytes,path>, binary, path, or a list of those."
+    )
+    prompt: str | None = Field(
+        "prompt", description="Per-row instruction text; rows with null use prompt.default_*."
+    )
     max_tokens: str | None = Field("max_tokens", description="Optional per-row max_tokens override column.")
-    temperature: str | None = Field("temperature", description="Optional per-row temperature override column.")
+    temperature: str | None = Field(
+        "temperature", description="Optional per-row temperature override column."
+    )
     top_p: str | None = Field("top_p", description="Optional per-row top_p override column.")
     seed: str | None = Field("seed", description="Optional per-row sampling seed column.")
 
 
 class InputConfig(_Strict):
-    path: str = Field(description="Parquet file or directory (local path or fsspec URL such as s3://bucket/dir).")
+    path: str = Field(
+        description="Parquet file or directory (local path or fsspec URL such as s3://bucket/dir)."
+    )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Input column names.")
     media_root: str | None = Field(
-        None, description="Directory that relative media paths are resolved against (default: the input's directory)."
+        None,
+        description="Directory that relative media paths are resolved against (default: the input's directory).",
     )
     allow_http: bool = Field(False, description="Allow media paths that are http(s) URLs to be fetched.")
-    limit: int | None = Field(None, ge=1, description="Process only the first N rows (a quick run on a real cluster).")
+    limit: int | None = Field(
+        None, ge=1, description="Process only the first N rows (a quick run on a real cluster)."
+    )
 
 
 class OutputConfig(_Strict):
@@ -56,71 +71,103 @@ class OutputConfig(_Strict):
 class PromptConfig(_Strict):
     system: str | None = Field(None, description="Optional system turn put before every row's user turn.")
     default_text: str = Field(
-        "Say something helpful.", description="Instruction for text rows whose prompt column is null or empty."
+        "Say something helpful.",
+        description="Instruction for text rows whose prompt column is null or empty.",
     )
-    default_image: str = Field("Describe this image in one sentence.", description="Default instruction for image rows.")
+    default_image: str = Field(
+        "Describe this image in one sentence.", description="Default instruction for image rows."
+    )
     default_audio: str = Field(
         "Transcribe the audio clip into text.", description="Default instruction for audio-only rows."
     )
     default_image_audio: str = Field(
-        "Answer the question in the audio about the image.", description="Default instruction for image+audio rows."
+        "Answer the question in the audio about the image.",
+        description="Default instruction for image+audio rows.",
     )
 
 
 class MediaConfig(_Strict):
     max_image_pixels: int = Field(
-        80_000_000, ge=1, description="Reject images with more pixels than this before decoding (decompression bombs)."
+        80_000_000,
+        ge=1,
+        description="Reject images with more pixels than this before decoding (decompression bombs).",
     )
     max_audio_seconds: float = Field(
         1800.0, gt=0, description="Reject audio clips longer than this (AUDIO_TOO_LONG)."
     )
     min_audio_seconds: float = Field(
-        0.025, gt=0, description="Reject audio shorter than this; 25 ms is one encoder window (AUDIO_TOO_SHORT)."
+        0.025,
+        gt=0,
+        description="Reject audio shorter than this; 25 ms is one encoder window (AUDIO_TOO_SHORT).",
     )
 
 
 class ModelConfig(_Strict):
-    path: str = Field(description="Local directory of a Phi-4-multimodal checkpoint (original layout, with LoRA folders).")
-    name: str | None = Field(None, description="Name written to the output's `model` column (default: the path).")
+    path: str = Field(
+        description="Local directory of a Phi-4-multimodal checkpoint (original layout, with LoRA folders)."
+    )
+    name: str | None = Field(
+        None, description="Name written to the output's `model` column (default: the path)."
+    )
     trust_remote_code: bool = Field(
-        PHI4MM.trust_remote_code, description="Needed by the original checkpoint (its config and processor are remote code)."
+        PHI4MM.trust_remote_code,
+        description="Needed by the original checkpoint (its config and processor are remote code).",
     )
     load_format: Literal["auto", "safetensors", "dummy"] = Field(
-        "auto", description="'dummy' initialises random weights: for the project's tiny test checkpoints only."
+        "auto",
+        description="'dummy' initialises random weights: for the project's tiny test checkpoints only.",
     )
-    use_lora: bool = Field(True, description="Apply vision-lora to image rows and speech-lora to audio-only rows.")
+    use_lora: bool = Field(
+        True, description="Apply vision-lora to image rows and speech-lora to audio-only rows."
+    )
     max_lora_rank: int | None = Field(
-        None, description="Override the LoRA rank bound; by default read from the adapters' adapter_config.json."
+        None,
+        description="Override the LoRA rank bound; by default read from the adapters' adapter_config.json.",
     )
 
 
 class EngineConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Model dtype.")
-    max_model_len: int = Field(4096, ge=64, description="Context length: prompt tokens + max_tokens must fit.")
+    max_model_len: int = Field(
+        4096, ge=64, description="Context length: prompt tokens + max_tokens must fit."
+    )
     max_num_seqs: int = Field(64, ge=1, description="Requests the engine batches at once.")
     max_num_batched_tokens: int | None = Field(None, ge=64, description="Token budget of one engine step.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans.")
     dynamic_hd: int = Field(
-        PHI4MM.default_dynamic_hd, ge=1, le=64, description="Max 448x448 HD crops per image (more = more tokens)."
+        PHI4MM.default_dynamic_hd,
+        ge=1,
+        le=64,
+        description="Max 448x448 HD crops per image (more = more tokens).",
     )
-    max_images_per_row: int = Field(1, ge=0, le=PHI4MM.max_placeholders, description="limit_mm_per_prompt['image'].")
-    max_audios_per_row: int = Field(1, ge=0, le=PHI4MM.max_placeholders, description="limit_mm_per_prompt['audio'].")
-    enforce_eager: bool = Field(False, description="Skip CUDA graphs / torch.compile (faster start; required on CPU here).")
+    max_images_per_row: int = Field(
+        1, ge=0, le=PHI4MM.max_placeholders, description="limit_mm_per_prompt['image']."
+    )
+    max_audios_per_row: int = Field(
+        1, ge=0, le=PHI4MM.max_placeholders, description="limit_mm_per_prompt['audio']."
+    )
+    enforce_eager: bool = Field(
+        False, description="Skip CUDA graphs / torch.compile (faster start; required on CPU here)."
+    )
     executor: Literal["uni", "mp", "ray"] = Field(
         "uni", description="vLLM executor; 'uni' keeps the engine in the actor's own process (fastest start)."
     )
     seed: int = Field(0, description="Engine seed.")
     env: dict[str, str] = Field(
-        default_factory=dict, description="Environment variables for the GPU actors (e.g. VLLM_CPU_KVCACHE_SPACE)."
+        default_factory=dict,
+        description="Environment variables for the GPU actors (e.g. VLLM_CPU_KVCACHE_SPACE).",
     )
     init_hook: str | None = Field(
-        None, description="'module:function' called in each GPU actor before the engine starts (custom patches)."
+        None,
+        description="'module:function' called in each GPU actor before the engine starts (custom patches).",
     )
 
 
 class SamplingConfig(_Strict):
-    max_tokens: int = Field(256, ge=1, description="Default completion budget; a row's max_tokens column overrides it.")
+    max_tokens: int = Field(
+        256, ge=1, description="Default completion budget; a row's max_tokens column overrides it."
+    )
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int | None = Field(None, description="Sampling seed for reproducible non-greedy runs.")
@@ -147,7 +194,9 @@ class StageResources(_Strict):
 
 class ResourcesConfig(_Strict):
     io_num_cpus: float = Field(
-        1.0, gt=0, description="CPUs per Parquet read/write task (lower it on small machines so actors leave room)."
+        1.0,
+        gt=0,
+        description="CPUs per Parquet read/write task (lower it on small machines so actors leave room).",
     )
     preprocess: StageResources = Field(
         default_factory=lambda: StageResources(concurrency=(1, 4), batch_size=32),
@@ -165,7 +214,9 @@ class JobConfig(_Strict):
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="Instructions and defaults.")
     model: ModelConfig = Field(description="Which checkpoint.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Default sampling parameters.")
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="Default sampling parameters."
+    )
     media: MediaConfig = Field(default_factory=MediaConfig, description="Media decoding limits.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Actor pools.")
 
@@ -177,20 +228,31 @@ class JobConfig(_Strict):
                 f"engine.max_model_len ({self.engine.max_model_len}). Try lowering sampling.max_tokens."
             )
         gen = self.resources.generate
-        if gen.num_gpus and self.engine.tensor_parallel_size > 1 and gen.num_gpus != self.engine.tensor_parallel_size:
+        if (
+            gen.num_gpus
+            and self.engine.tensor_parallel_size > 1
+            and gen.num_gpus != self.engine.tensor_parallel_size
+        ):
             raise ValueError(
                 f"resources.generate.num_gpus ({gen.num_gpus}) must equal engine.tensor_parallel_size "
                 f"({self.engine.tensor_parallel_size}): one actor owns all GPUs of its engine."
             )
         if self.engine.tensor_parallel_size > 1 and self.engine.executor == "uni":
-            raise ValueError("engine.tensor_parallel_size > 1 needs engine.executor 'mp' or 'ray'; try executor: mp.")
+            raise ValueError(
+                "engine.tensor_parallel_size > 1 needs engine.executor 'mp' or 'ray'; try executor: mp."
+            )
         return self
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> JobConfig:
         """Load a YAML config; relative local paths in it are resolved against the YAML's directory."""
         raw = yaml.safe_load(Path(path).read_text()) or {}
-        for section, key in (("input", "path"), ("output", "path"), ("model", "path"), ("input", "media_root")):
+        for section, key in (
+            ("input", "path"),
+            ("output", "path"),
+            ("model", "path"),
+            ("input", "media_root"),
+        ):
             value = (raw.get(section) or {}).get(key)
             if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
                 raw[section][key] = str((Path(path).parent / value).resolve())

@@ -24,7 +24,9 @@ class Phi4MMFacts(BaseModel):
     end_tag: str = Field("<|end|>", description="Closes a turn.")
     system_tag: str = Field("<|system|>", description="Opens an optional system turn.")
     image_tag_format: str = Field("<|image_{}|>", description="Placeholder for the n-th image (1-based).")
-    audio_tag_format: str = Field("<|audio_{}|>", description="Placeholder for the n-th audio clip (1-based).")
+    audio_tag_format: str = Field(
+        "<|audio_{}|>", description="Placeholder for the n-th audio clip (1-based)."
+    )
     image_token_id: int = Field(200010, description="Token id vLLM expands each image placeholder into.")
     audio_token_id: int = Field(200011, description="Token id vLLM expands each audio placeholder into.")
     max_placeholders: int = Field(
@@ -46,10 +48,14 @@ class Phi4MMFacts(BaseModel):
     crop_size: int = Field(448, description="Side of one HD crop and of the global view, in pixels.")
     patch_size: int = Field(14, description="ViT patch side in pixels.")
     token_compression: int = Field(2, description="2x2 average pooling of the patch grid before projection.")
-    default_dynamic_hd: int = Field(36, description="Max HD crops per image in the original processor config.")
+    default_dynamic_hd: int = Field(
+        36, description="Max HD crops per image in the original processor config."
+    )
 
     # Audio: 16 kHz log-mel, 10 ms hop, 25 ms window, encoder compresses 8x.
-    audio_sample_rate: int = Field(16000, description="Rate the audio encoder expects; other rates are resampled.")
+    audio_sample_rate: int = Field(
+        16000, description="Rate the audio encoder expects; other rates are resampled."
+    )
     min_audio_sample_rate: int = Field(8000, description="Lowest source rate accepted (8 kHz is upsampled).")
     audio_window: int = Field(400, description="STFT window in samples at 16 kHz (25 ms).")
     audio_hop: int = Field(160, description="STFT hop in samples at 16 kHz (10 ms).")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import pytest
 
+import pytest
 
 # No hub access here; and keep vLLM's CPU KV cache small.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

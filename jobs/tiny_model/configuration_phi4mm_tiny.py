@@ -1,8 +1,9 @@
-"""Minimal config class for a tiny Phi4MM-style checkpoint (model_type "phi4mm").
+"""Config class of phi4mm-batch's tiny Phi-4-multimodal checkpoint (remote code, model_type "phi4mm").
 
 Written from what vLLM's Phi4MMForCausalLM (vllm/model_executor/models/phi4mm*.py)
 reads; it is not Microsoft's file.
 """
+
 from transformers import PretrainedConfig
 
 

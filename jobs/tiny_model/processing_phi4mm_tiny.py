@@ -1,4 +1,4 @@
-"""Minimal HF-style processor for a tiny Phi4MM-style checkpoint.
+"""HF-style processor of phi4mm-batch's tiny Phi-4-multimodal checkpoint (remote code, copied into it).
 
 Written from what vLLM's Phi4MMForCausalLM / Phi4MMMultiModalProcessor expect
 (vllm/model_executor/models/phi4mm.py, vLLM 0.32); not Microsoft's file.
@@ -16,6 +16,7 @@ vLLM needs:
 The token counts vLLM computes must match what the vision/audio towers emit, so the
 resize/pad/mask logic below mirrors Phi4MMProcessingInfo._compute_num_image_tokens.
 """
+
 import json
 import math
 import os
@@ -35,6 +36,7 @@ N_FFT = 512
 
 def _to_pil(img):
     from PIL import Image
+
     if isinstance(img, Image.Image):
         return img.convert("RGB")
     if isinstance(img, torch.Tensor):
@@ -76,9 +78,14 @@ class Phi4MMTinyImageProcessor:
         h_crop = math.ceil(h / VIT_SIZE)
         if w_crop * h_crop > max_num:
             ratios = sorted(
-                {(i, j) for i in range(1, max_num + 1) for j in range(1, max_num + 1)
-                 if min_num <= i * j <= max_num},
-                key=lambda x: x[0] * x[1])
+                {
+                    (i, j)
+                    for i in range(1, max_num + 1)
+                    for j in range(1, max_num + 1)
+                    if min_num <= i * j <= max_num
+                },
+                key=lambda x: x[0] * x[1],
+            )
             ar = self.find_closest_aspect_ratio(w / h, ratios, w, h, VIT_SIZE)
             return VIT_SIZE * ar[0], VIT_SIZE * ar[1]
         return VIT_SIZE * w_crop, VIT_SIZE * h_crop
@@ -91,6 +98,7 @@ class Phi4MMTinyImageProcessor:
 
     def __call__(self, images, dynamic_hd=None, **kwargs):
         from PIL import Image
+
         max_num = int(dynamic_hd or self.dynamic_hd)
         crops_all, masks_all, sizes = [], [], []
         for img in images:
@@ -117,19 +125,24 @@ class Phi4MMTinyImageProcessor:
             t = self._normalize(canvas)
             for i in range(nh_c):
                 for j in range(nw_c):
-                    crops.append(t[:, i * VIT_SIZE:(i + 1) * VIT_SIZE, j * VIT_SIZE:(j + 1) * VIT_SIZE])
-                    masks.append(full_mask[i * MASK_SIZE:(i + 1) * MASK_SIZE, j * MASK_SIZE:(j + 1) * MASK_SIZE])
+                    crops.append(t[:, i * VIT_SIZE : (i + 1) * VIT_SIZE, j * VIT_SIZE : (j + 1) * VIT_SIZE])
+                    masks.append(
+                        full_mask[i * MASK_SIZE : (i + 1) * MASK_SIZE, j * MASK_SIZE : (j + 1) * MASK_SIZE]
+                    )
             crops_all.append(torch.stack(crops))
             masks_all.append(torch.stack(masks))
             sizes.append([th, tw])
         max_c = max(c.shape[0] for c in crops_all)
         pix = torch.zeros(len(crops_all), max_c, 3, VIT_SIZE, VIT_SIZE)
         msk = torch.zeros(len(crops_all), max_c, MASK_SIZE, MASK_SIZE, dtype=torch.long)
-        for k, (c, m) in enumerate(zip(crops_all, masks_all)):
-            pix[k, :c.shape[0]] = c
-            msk[k, :m.shape[0]] = m
-        return {"input_image_embeds": pix, "image_sizes": torch.tensor(sizes, dtype=torch.long),
-                "image_attention_mask": msk}
+        for k, (c, m) in enumerate(zip(crops_all, masks_all, strict=True)):
+            pix[k, : c.shape[0]] = c
+            msk[k, : m.shape[0]] = m
+        return {
+            "input_image_embeds": pix,
+            "image_sizes": torch.tensor(sizes, dtype=torch.long),
+            "image_attention_mask": msk,
+        }
 
 
 def _mel_filters(sr=16000, n_fft=N_FFT, n_mels=N_MELS):
@@ -138,13 +151,14 @@ def _mel_filters(sr=16000, n_fft=N_FFT, n_mels=N_MELS):
 
     def mel2hz(m):
         return 700.0 * (10 ** (m / 2595.0) - 1.0)
+
     mels = np.linspace(hz2mel(0), hz2mel(sr / 2), n_mels + 2)
     bins = np.floor((n_fft + 1) * mel2hz(mels) / sr).astype(int)
     fb = np.zeros((n_mels, n_fft // 2 + 1), dtype=np.float32)
     for m in range(1, n_mels + 1):
-        l, c, r = bins[m - 1], bins[m], bins[m + 1]
-        for k in range(l, c):
-            fb[m - 1, k] = (k - l) / max(c - l, 1)
+        left, c, r = bins[m - 1], bins[m], bins[m + 1]
+        for k in range(left, c):
+            fb[m - 1, k] = (k - left) / max(c - left, 1)
         for k in range(c, r):
             fb[m - 1, k] = (r - k) / max(r - c, 1)
     return fb
@@ -173,17 +187,16 @@ class Phi4MMTinyAudioProcessor:
     def __call__(self, audios, **kwargs):
         feats = []
         for a in audios:
-            wav, sr = (a if isinstance(a, (tuple, list)) else (a, self.sampling_rate))
+            wav, sr = a if isinstance(a, (tuple, list)) else (a, self.sampling_rate)
             if sr != self.sampling_rate:
                 raise ValueError(f"expected {self.sampling_rate} Hz audio, got {sr}")
             feats.append(torch.from_numpy(self.extract(wav)))
         T = max(f.shape[0] for f in feats)
         out = torch.zeros(len(feats), T, N_MELS)
         for k, f in enumerate(feats):
-            out[k, :f.shape[0]] = f
+            out[k, : f.shape[0]] = f
         sizes = torch.tensor([math.ceil(f.shape[0] / self.compression_rate) for f in feats])
-        return {"input_audio_embeds": out, "audio_embed_sizes": sizes,
-                "audio_attention_mask": None}
+        return {"input_audio_embeds": out, "audio_embed_sizes": sizes, "audio_attention_mask": None}
 
 
 class Phi4MMTinyProcessor(ProcessorMixin):
@@ -203,24 +216,31 @@ class Phi4MMTinyProcessor(ProcessorMixin):
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path)
         ip = Phi4MMTinyImageProcessor(dynamic_hd=dynamic_hd or cfg.get("dynamic_hd", 1))
-        ap = Phi4MMTinyAudioProcessor(sampling_rate=cfg.get("audio_sampling_rate", 16000),
-                                      compression_rate=cfg.get("audio_compression_rate", 8))
+        ap = Phi4MMTinyAudioProcessor(
+            sampling_rate=cfg.get("audio_sampling_rate", 16000),
+            compression_rate=cfg.get("audio_compression_rate", 8),
+        )
         return cls(ip, ap, tokenizer, chat_template=getattr(tokenizer, "chat_template", None))
 
     def __repr__(self):
         return f"Phi4MMTinyProcessor(dynamic_hd={self.image_processor.dynamic_hd})"
 
-    def __call__(self, text=None, images=None, audios=None, audio=None, return_tensors="pt",
-                 dynamic_hd=None, **kwargs):
+    def __call__(
+        self, text=None, images=None, audios=None, audio=None, return_tensors="pt", dynamic_hd=None, **kwargs
+    ):
         audios = audios if audios is not None else audio
         data = {}
         if images:
             data.update(self.image_processor(images, dynamic_hd=dynamic_hd))
         else:
             # vLLM's Phi4MM postprocessing always reads image_sizes, even for audio-only calls
-            data.update({"input_image_embeds": torch.zeros(0, 1, 3, VIT_SIZE, VIT_SIZE),
-                         "image_sizes": torch.zeros(0, 2, dtype=torch.long),
-                         "image_attention_mask": torch.zeros(0, 1, MASK_SIZE, MASK_SIZE, dtype=torch.long)})
+            data.update(
+                {
+                    "input_image_embeds": torch.zeros(0, 1, 3, VIT_SIZE, VIT_SIZE),
+                    "image_sizes": torch.zeros(0, 2, dtype=torch.long),
+                    "image_attention_mask": torch.zeros(0, 1, MASK_SIZE, MASK_SIZE, dtype=torch.long),
+                }
+            )
         if audios:
             a = self.audio_processor(audios)
             a.pop("audio_attention_mask")

@@ -26,7 +26,11 @@ def config(tiny_model, tmp_path_factory):
     return make_config(
         tiny_model,
         tmp_path_factory.mktemp("engine"),
-        engine={"dynamic_hd": DYNAMIC_HD, "init_hook": "jobs.tiny_vision:shrink_siglip", "max_model_len": 4096},
+        engine={
+            "dynamic_hd": DYNAMIC_HD,
+            "init_hook": "jobs.tiny_vision:shrink_siglip",
+            "max_model_len": 4096,
+        },
         sampling={"max_tokens": 6},
     )
 
@@ -45,7 +49,12 @@ def _png(w, h, seed) -> bytes:
 
 def _wav(seconds, rate, seed) -> bytes:
     buf = io.BytesIO()
-    sf.write(buf, np.random.default_rng(seed).normal(0, 0.1, int(seconds * rate)).astype(np.float32), rate, format="WAV")
+    sf.write(
+        buf,
+        np.random.default_rng(seed).normal(0, 0.1, int(seconds * rate)).astype(np.float32),
+        rate,
+        format="WAV",
+    )
     return buf.getvalue()
 
 
@@ -59,7 +68,9 @@ def _rows():
     rows.append({"id": "both", "image": {"bytes": (MEDIA / "cat.jpg").read_bytes(), "path": None},
                  "audio": {"bytes": (MEDIA / "question.flac").read_bytes(), "path": None}, "prompt": None})  # fmt: skip
     rows.append({"id": "text", "image": None, "audio": None, "prompt": "hello <|image_1|> world"})
-    schema = pa.schema([("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())])
+    schema = pa.schema(
+        [("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -97,7 +108,9 @@ def test_a_rejected_request_does_not_sink_its_neighbours(generate):
 
 
 def test_seeded_sampling_repeats(generate):
-    req = EngineRequest(prompt="<|user|>hello world<|end|><|assistant|>", temperature=1.0, seed=11, max_tokens=12)
+    req = EngineRequest(
+        prompt="<|user|>hello world<|end|><|assistant|>", temperature=1.0, seed=11, max_tokens=12
+    )
     first, second = generate.engine.generate([req]), generate.engine.generate([req])
     other = generate.engine.generate([EngineRequest(**{**req.__dict__, "seed": 12})])
     assert first[0].text == second[0].text

@@ -75,7 +75,9 @@ def test_statuses_codes_and_adapters(first_run, config):
 
 
 def test_prompt_tokens_are_vllms_and_match_the_cpu_stage(first_run, config, dataset):
-    expected = {r["id"]: r["prompt_tokens"] for r in PreprocessRows(config)(pq.read_table(dataset)).to_pylist()}
+    expected = {
+        r["id"]: r["prompt_tokens"] for r in PreprocessRows(config)(pq.read_table(dataset)).to_pylist()
+    }
     got = {r["id"]: r["prompt_tokens"] for r in pq.read_table(config.output.path).to_pylist()}
     assert got == expected
     assert got["injection"] == expected["injection"]  # the look-alike tags stayed text: one audio, no image

@@ -38,7 +38,9 @@ def test_error_rows_pass_through_and_engine_errors_are_isolated(tiny_model, tmp_
         _prepared("a", "<|user|>hi<|end|><|assistant|>"),
         _prepared("b", None, status="error", error_code="IMAGE_DECODE_ERROR", error_message="bad"),
         _prepared("c", "<|user|>FAIL<|end|><|assistant|>"),
-        _prepared("d", "<|user|><|audio_1|>x<|end|><|assistant|>", audios=[audio], adapter="speech", max_tokens=5),
+        _prepared(
+            "d", "<|user|><|audio_1|>x<|end|><|assistant|>", audios=[audio], adapter="speech", max_tokens=5
+        ),
     ]
     out = stage(pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA))
     assert out.schema == OUTPUT_SCHEMA

@@ -11,7 +11,8 @@ from schemas.rows import OUTPUT_SCHEMA
 
 def _rows(ids, status="ok"):
     return pa.Table.from_pylist(
-        [{"id": i, "status": status, "prompt_tokens": 10, "completion_tokens": 2} for i in ids], schema=OUTPUT_SCHEMA
+        [{"id": i, "status": status, "prompt_tokens": 10, "completion_tokens": 2} for i in ids],
+        schema=OUTPUT_SCHEMA,
     )
 
 

@@ -115,7 +115,10 @@ def test_stereo_is_mixed_to_mono():
 
 def test_audio_error_codes():
     tone = np.zeros(16000, np.float32)
-    assert _code(decode_audio, _wav(tone[:4000], 4000), "low", 0.025, 600) == ErrorCode.AUDIO_SAMPLE_RATE_UNSUPPORTED
+    assert (
+        _code(decode_audio, _wav(tone[:4000], 4000), "low", 0.025, 600)
+        == ErrorCode.AUDIO_SAMPLE_RATE_UNSUPPORTED
+    )
     assert _code(decode_audio, _wav(tone[:100], 16000), "short", 0.025, 600) == ErrorCode.AUDIO_TOO_SHORT
     assert _code(decode_audio, _wav(tone, 16000), "long", 0.025, 0.5) == ErrorCode.AUDIO_TOO_LONG
     assert _code(decode_audio, b"RIFF" + b"\x00" * 40, "junk", 0.025, 600) == ErrorCode.AUDIO_DECODE_ERROR

@@ -5,7 +5,10 @@ from schemas.job import PromptConfig
 def test_prompt_format_matches_phi4mm():
     assert build_prompt("Describe it.", 1, 0) == "<|user|><|image_1|>Describe it.<|end|><|assistant|>"
     assert build_prompt("Q", 2, 1) == "<|user|><|image_1|><|image_2|><|audio_1|>Q<|end|><|assistant|>"
-    assert build_prompt("Hi", 0, 0, system="Be brief.") == "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>"
+    assert (
+        build_prompt("Hi", 0, 0, system="Be brief.")
+        == "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>"
+    )
 
 
 def test_user_text_cannot_inject_placeholders_or_turns():

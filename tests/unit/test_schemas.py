@@ -59,7 +59,9 @@ def test_invalid_combinations_fail_with_advice(patch, needle):
 def test_from_yaml_resolves_paths_against_the_file(tmp_path):
     cfg_file = tmp_path / "conf" / "job.yaml"
     cfg_file.parent.mkdir()
-    cfg_file.write_text("input: {path: ../data}\noutput: {path: s3://bucket/out}\nmodel: {path: /abs/model}\n")
+    cfg_file.write_text(
+        "input: {path: ../data}\noutput: {path: s3://bucket/out}\nmodel: {path: /abs/model}\n"
+    )
     cfg = JobConfig.from_yaml(cfg_file, {"input.limit": 5, "sampling.max_tokens": 9})
     assert cfg.input.path == str((tmp_path / "data").resolve())
     assert cfg.output.path == "s3://bucket/out"
@@ -67,9 +69,11 @@ def test_from_yaml_resolves_paths_against_the_file(tmp_path):
     assert (cfg.input.limit, cfg.sampling.max_tokens) == (5, 9)
 
 
-def test_demo_config_loads():
-    cfg = JobConfig.from_yaml(REPO / "jobs" / "configs" / "demo.yaml")
-    assert cfg.model.load_format == "dummy" and cfg.engine.enforce_eager
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_bundled_configs_load(path):
+    cfg = JobConfig.from_yaml(path)
+    if path.name == "demo.yaml":
+        assert cfg.model.load_format == "dummy" and cfg.engine.enforce_eager
 
 
 def test_sample_dataset_is_hf_datasets_layout(tmp_path):
@@ -89,5 +93,7 @@ def test_light_packages_import_no_heavy_modules():
         "heavy = [m for m in ('torch', 'vllm', 'ray', 'transformers') if m in sys.modules];"
         "print(','.join(heavy))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(REPO), check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(REPO), check=True
+    )
     assert out.stdout.strip() == ""

@@ -21,7 +21,11 @@ def test_known_image_counts():
 def test_crop_grid_respects_dynamic_hd(dynamic_hd):
     for w, h in [(1, 1), (448, 448), (1920, 1080), (8000, 100), (100, 8000), (4000, 3000)]:
         cols, rows = crop_grid(w, h, dynamic_hd)
-        assert 1 <= cols * rows <= max(dynamic_hd, math.ceil(w / 448) * math.ceil(h / 448) if w * h <= 448 * 448 else dynamic_hd)
+        assert (
+            1
+            <= cols * rows
+            <= max(dynamic_hd, math.ceil(w / 448) * math.ceil(h / 448) if w * h <= 448 * 448 else dynamic_hd)
+        )
         assert cols * rows <= dynamic_hd or (cols, rows) == (math.ceil(w / 448), math.ceil(h / 448))
 
 

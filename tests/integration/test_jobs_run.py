@@ -1,0 +1,86 @@
+"""`python -m jobs.run` as users run it: locally (as `make demo` does) and through `ray job submit`
+against a running cluster. Both run vLLM's unmodified, full-size SigLIP tower (no init_hook), so an
+image costs seconds here: the inputs stay few."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.make_sample_data import sample_rows, write_sample_dataset
+from tests.helpers import REPO
+
+DEMO = "jobs/configs/demo.yaml"
+pytestmark = pytest.mark.full_tower
+
+
+def _summary(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("SUMMARY_JSON ")]
+    assert lines, stdout[-3000:]
+    return json.loads(lines[-1].removeprefix("SUMMARY_JSON "))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return write_sample_dataset(tmp_path_factory.mktemp("sample") / "sample.parquet")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # `python` in a job's entrypoint must be this environment's, as it is on a cluster built from it
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.update(PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def test_local_run_of_the_demo_config(tiny_model, sample, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.run", "--config", DEMO, "--input", str(sample), "--output", str(out),
+           "--model", tiny_model]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = _summary(proc.stdout)
+    assert "audit            ok: 12 input rows, 12 output rows, 0 missing, 0 duplicated" in proc.stdout
+    assert summary["status"] == {"ok": 10, "error": 2}
+    assert summary["error_codes"] == {"IMAGE_DECODE_ERROR": 1, "MISSING_INPUT": 1}
+    table = pq.read_table(out)
+    assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in sample_rows())
+    assert (out / f"_run-{summary['run_id']}.json").is_file()
+    # A second run in 'error' mode refuses to touch existing output, with advice, exit status 2 is config-level
+    again = subprocess.run(
+        cmd + ["--mode", "error"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode != 0 and "Try output.mode" in again.stderr + again.stdout
+
+
+def test_ray_job_submit_against_a_running_cluster(tiny_model, sample, tmp_path):
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    port, dash = _free_port(), _free_port()
+    env = _env(RAY_AUTH_MODE="disabled")  # a loopback-only test cluster
+    short_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    start = [ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+             "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={short_tmp}"]  # fmt: skip
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        out = tmp_path / "out"
+        submit = [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+                  "python", "-m", "jobs.run", "--config", DEMO, "--input", str(sample), "--output", str(out),
+                  "--model", tiny_model, "--limit", "4"]  # fmt: skip
+        proc = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        summary = _summary(proc.stdout)
+        assert summary["rows_written"] == 4 and summary["audit"]["ok"]
+        assert pq.read_table(out).num_rows == 4
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
