@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 
+from actors.chunks import stitch_texts
 from actors.engine import EngineRequest, EngineResult, Phi4MMEngine
 from schemas.job import JobConfig
 from schemas.rows import OUTPUT_SCHEMA, ErrorCode, Status, output_row_from_prepared
@@ -28,10 +30,11 @@ def run_init_hook(spec: str | None) -> None:
     getattr(importlib.import_module(module), func)()
 
 
-def to_engine_request(row: dict) -> EngineRequest:
+def to_engine_requests(row: dict) -> list[EngineRequest]:
+    """A prepared row's requests: one, or one per window of a chunked audio clip."""
     from PIL import Image
 
-    return EngineRequest(
+    request = EngineRequest(
         prompt=row["prompt"],
         images=[Image.frombytes("RGB", (im["width"], im["height"]), im["rgb"]) for im in row["images"] or []],
         audios=[np.frombuffer(a, dtype="<f4") for a in row["audios"] or []],
@@ -40,6 +43,26 @@ def to_engine_request(row: dict) -> EngineRequest:
         temperature=row["temperature"],
         top_p=row["top_p"],
         seed=row["seed"],
+    )
+    if not row["audio_chunks"]:
+        return [request]
+    return [replace(request, audios=[window]) for window in request.audios]
+
+
+def merge_results(results: list[EngineResult]) -> EngineResult:
+    """One row's result from its windows' results, in order; any failed window fails the row."""
+    if len(results) == 1:
+        return results[0]
+    for n, result in enumerate(results, start=1):
+        if result.error is not None:
+            return EngineResult(error=f"window {n} of {len(results)}: {result.error}")
+    return EngineResult(
+        text=stitch_texts([r.text for r in results]),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        completion_tokens=sum(r.completion_tokens for r in results),
+        finish_reason="length"
+        if any(r.finish_reason == "length" for r in results)
+        else results[-1].finish_reason,
     )
 
 
@@ -58,10 +81,14 @@ class GenerateRows:
         prepared = batch.to_pylist()
         rows = [output_row_from_prepared(p, self.config.model_name, self.run_id) for p in prepared]
         todo = [i for i, p in enumerate(prepared) if p["status"] == Status.OK.value]
+        per_row = [to_engine_requests(prepared[i]) for i in todo]
         started = time.perf_counter()
-        results: list[EngineResult] = self.engine.generate([to_engine_request(prepared[i]) for i in todo])
+        flat: list[EngineResult] = self.engine.generate([r for requests in per_row for r in requests])
         elapsed = time.perf_counter() - started
-        # strict: an engine that loses requests must fail loudly, never silently lose rows
+        if len(flat) != sum(map(len, per_row)):  # an engine that loses requests must never lose rows
+            raise RuntimeError(f"engine returned {len(flat)} results for {sum(map(len, per_row))} requests")
+        offsets = np.cumsum([0] + [len(r) for r in per_row])
+        results = [merge_results(flat[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         for i, result in zip(todo, results, strict=True):
             row = rows[i]
             row["generate_s"] = elapsed

@@ -49,19 +49,32 @@ class DecodedAudio:
 
 
 def as_items(cell) -> list:
-    """A cell as a list of media items: null -> [], a list -> its non-null items, anything else -> [cell]."""
+    """A cell as a list of media items: null -> [], a list -> its non-null items, anything else -> [cell].
+
+    A list of numbers is one item (an audio waveform), not a list of items."""
     if cell is None:
         return []
     if isinstance(cell, (list, tuple)):
+        if is_waveform(cell):
+            return [cell]
         return [item for item in cell if not _is_empty(item)]
     return [] if _is_empty(cell) else [cell]
+
+
+def is_waveform(item) -> bool:
+    if isinstance(item, np.ndarray):
+        return item.dtype.kind == "f" and item.ndim == 1
+    if isinstance(item, (list, tuple)) and item:
+        first = next((v for v in item if v is not None), None)
+        return isinstance(first, (float, int)) and not isinstance(first, bool)
+    return False
 
 
 def _is_empty(item) -> bool:
     if item is None:
         return True
     if isinstance(item, dict):
-        return item.get("bytes") is None and not item.get("path")
+        return item.get("bytes") is None and not item.get("path") and item.get("array") is None
     return isinstance(item, (str, bytes)) and len(item) == 0
 
 
@@ -105,8 +118,8 @@ def _read_path(path: str, source: MediaSource, kind: str) -> bytes:
             f"{kind} file {path!r} could not be read ({type(e).__name__}). "
             "Check the path, or set input.media_root to the directory relative paths start from.",
         ) from e
-    except OSError as e:
-        raise RowError(ErrorCode.MEDIA_NOT_FOUND, f"{kind} file {path!r} could not be read: {e}.") from e
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte, a malformed URL
+        raise RowError(ErrorCode.MEDIA_NOT_FOUND, f"{kind} path {path!r} could not be read: {e}.") from e
 
 
 def decode_image(data: bytes, where: str, max_pixels: int) -> DecodedImage:
@@ -130,7 +143,11 @@ def decode_image(data: bytes, where: str, max_pixels: int) -> DecodedImage:
         img = _to_rgb(img)
     except RowError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own guard, beyond 2x its MAX_IMAGE_PIXELS
+        raise RowError(
+            ErrorCode.IMAGE_TOO_LARGE, f"image {where} refused as a decompression bomb: {e}"
+        ) from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise RowError(
             ErrorCode.IMAGE_DECODE_ERROR, f"image {where} could not be decoded: {type(e).__name__}: {e}"
         ) from e
@@ -183,6 +200,44 @@ def decode_audio(data: bytes, where: str, min_seconds: float, max_seconds: float
             ErrorCode.AUDIO_DECODE_ERROR, f"audio {where} could not be decoded: {type(e).__name__}: {e}"
         ) from e
     return prepare_waveform(samples.mean(axis=1), rate, where, min_seconds)
+
+
+def load_audio(
+    item, source: MediaSource, sampling_rate, min_seconds: float, max_seconds: float
+) -> DecodedAudio:
+    """One audio item in any accepted form: encoded bytes/path, a decoded HF datasets cell
+    (``{"array": [...], "sampling_rate": 16000}``), or a float array with the row's sampling-rate column."""
+    if isinstance(item, dict) and item.get("array") is not None:
+        sampling_rate, item = item.get("sampling_rate") or sampling_rate, item["array"]
+    if is_waveform(item):
+        if sampling_rate is None:
+            raise RowError(
+                ErrorCode.INVALID_INPUT,
+                "audio is a float array but the row has no sampling rate. Add a sampling-rate column "
+                "(input.columns.sampling_rate) or store the audio as encoded bytes.",
+            )
+        try:
+            samples = np.asarray(item, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise RowError(ErrorCode.AUDIO_DECODE_ERROR, f"audio array is not numeric: {e}") from e
+        if len(samples) / int(sampling_rate) > max_seconds:
+            raise RowError(
+                ErrorCode.AUDIO_TOO_LONG,
+                f"audio array lasts {len(samples) / int(sampling_rate):.1f} s, over media.max_audio_seconds "
+                f"({max_seconds:g} s). Split it, or raise media.max_audio_seconds.",
+            )
+        return prepare_waveform(samples, int(sampling_rate), "array", min_seconds)
+    return decode_audio(*load_bytes(item, source, "audio"), min_seconds, max_seconds)
+
+
+def downscale(image: DecodedImage, scale: float) -> DecodedImage:
+    from PIL import Image
+
+    width, height = max(1, int(image.width * scale)), max(1, int(image.height * scale))
+    pil = Image.frombytes("RGB", (image.width, image.height), image.rgb).resize(
+        (width, height), Image.BICUBIC
+    )
+    return DecodedImage(rgb=pil.tobytes(), width=width, height=height)
 
 
 def prepare_waveform(samples: np.ndarray, rate: int, where: str, min_seconds: float) -> DecodedAudio:

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from actors.media import MediaSource, as_items, decode_audio, decode_image, load_bytes
+from actors.chunks import chunk_waveform
+from actors.media import DecodedImage, MediaSource, as_items, decode_image, downscale, load_audio, load_bytes
 from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of
 from actors.tokens import num_audio_tokens, num_image_tokens
 from schemas.job import JobConfig
@@ -94,12 +95,9 @@ class PreprocessRows:
             decode_image(*load_bytes(item, self.source, "image"), media_cfg.max_image_pixels)
             for item in image_items
         ]
+        rate = row.get(cols.sampling_rate) if cols.sampling_rate else None
         audios = [
-            decode_audio(
-                *load_bytes(item, self.source, "audio"),
-                media_cfg.min_audio_seconds,
-                media_cfg.max_audio_seconds,
-            )
+            load_audio(item, self.source, rate, media_cfg.min_audio_seconds, media_cfg.max_audio_seconds)
             for item in audio_items
         ]
         modality = modality_of(len(images), len(audios))
@@ -109,31 +107,71 @@ class PreprocessRows:
             len(audios),
             self.config.prompt.system,
         )
-        prompt_tokens = self.counter.count(
-            prompt,
-            [num_image_tokens(im.width, im.height, engine.dynamic_hd) for im in images],
-            [num_audio_tokens(len(a.samples)) for a in audios],
-        )
         self._read_sampling(row, out)
-        max_tokens = out["max_tokens"] or self.config.sampling.max_tokens
-        if prompt_tokens + max_tokens > engine.max_model_len:
+        budget = engine.max_model_len - (out["max_tokens"] or self.config.sampling.max_tokens)
+        clips = [a.samples for a in audios]
+        chunked = media_cfg.long_audio == "chunk" and not images and len(audios) == 1
+        if chunked:
+            clips = chunk_waveform(
+                audios[0].samples, media_cfg.chunk_seconds, media_cfg.chunk_overlap_seconds
+            )
+            chunked = len(clips) > 1
+        # A chunked row is one request per window: each window's prompt must fit on its own.
+        requests = [[clip] for clip in clips] if chunked else [clips]
+        counts = [self._count(prompt, images, r) for r in requests]
+        if max(counts) > budget and images and media_cfg.image_over_budget == "downscale":
+            images, note = self._downscale_to_fit(prompt, images, clips, budget)
+            counts = [self._count(prompt, images, clips)]
+            out["media_adjustments"] = note
+        if max(counts) > budget:
+            what = "its longest window takes" if chunked else "the prompt takes"
             raise RowError(
                 ErrorCode.PROMPT_TOO_LONG,
-                f"the prompt takes {prompt_tokens} tokens and max_tokens is {max_tokens}: "
-                f"{prompt_tokens + max_tokens} > engine.max_model_len ({engine.max_model_len}). "
-                "Try a smaller engine.dynamic_hd, shorter audio, a lower max_tokens, or a larger max_model_len.",
+                f"{what} {max(counts)} tokens, and with max_tokens "
+                f"{engine.max_model_len - budget} that is over engine.max_model_len ({engine.max_model_len}). "
+                "Try a smaller engine.dynamic_hd or media.image_over_budget: downscale, shorter audio or "
+                "media.long_audio: chunk, a lower max_tokens, or a larger max_model_len.",
             )
         adapter = PHI4MM.adapter_for(len(images), len(audios)) if self.config.model.use_lora else None
         out.update(
             prompt=prompt,
             images=[{"rgb": im.rgb, "width": im.width, "height": im.height} for im in images],
-            audios=[a.samples.astype("<f4").tobytes() for a in audios],
+            audios=[clip.astype("<f4").tobytes() for clip in clips],
+            audio_chunks=len(clips) if chunked else None,
             adapter=adapter,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=sum(counts),
             num_images=len(images),
             num_audios=len(audios),
             audio_seconds=sum(a.seconds for a in audios),
         )
+
+    def _count(self, prompt: str, images: list[DecodedImage], clips: list) -> int:
+        dynamic_hd = self.config.engine.dynamic_hd
+        return self.counter.count(
+            prompt,
+            [num_image_tokens(im.width, im.height, dynamic_hd) for im in images],
+            [num_audio_tokens(len(clip)) for clip in clips],
+        )
+
+    def _downscale_to_fit(self, prompt, images, clips, budget) -> tuple[list[DecodedImage], str | None]:
+        """Shrink every image by the same factor, in 10% steps, until the row fits; None if it never does."""
+        scale = 1.0
+        while scale > 0.01:
+            scale *= 0.9
+            sizes = [(max(1, int(im.width * scale)), max(1, int(im.height * scale))) for im in images]
+            dynamic_hd = self.config.engine.dynamic_hd
+            tokens = self.counter.count(
+                prompt,
+                [num_image_tokens(w, h, dynamic_hd) for w, h in sizes],
+                [num_audio_tokens(len(c)) for c in clips],
+            )
+            if tokens <= budget:
+                before = ", ".join(f"{im.width}x{im.height}" for im in images)
+                after = ", ".join(f"{w}x{h}" for w, h in sizes)
+                return [
+                    downscale(im, scale) for im in images
+                ], f"image downscaled {before} -> {after} to fit the token budget"
+        return images, None
 
     def _read_sampling(self, row: dict, out: dict) -> None:
         cols = self.columns

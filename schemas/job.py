@@ -39,6 +39,10 @@ class ColumnsConfig(_Strict):
     )
     top_p: str | None = Field("top_p", description="Optional per-row top_p override column.")
     seed: str | None = Field("seed", description="Optional per-row sampling seed column.")
+    sampling_rate: str | None = Field(
+        "sampling_rate",
+        description="Sampling rate (Hz) of audio given as a float array in the audio column.",
+    )
 
 
 class InputConfig(_Strict):
@@ -100,6 +104,33 @@ class MediaConfig(_Strict):
         gt=0,
         description="Reject audio shorter than this; 25 ms is one encoder window (AUDIO_TOO_SHORT).",
     )
+    image_over_budget: Literal["reject", "downscale"] = Field(
+        "reject",
+        description=(
+            "When a row's image tokens push it over engine.max_model_len: 'reject' (PROMPT_TOO_LONG) or "
+            "'downscale' the images until the row fits (recorded in the output's media_adjustments)."
+        ),
+    )
+    long_audio: Literal["single", "chunk"] = Field(
+        "single",
+        description=(
+            "'single' sends each clip whole; 'chunk' splits audio-only rows longer than chunk_seconds into "
+            "overlapping windows, transcribes each and stitches the texts in order into one output row."
+        ),
+    )
+    chunk_seconds: float = Field(30.0, ge=1, description="Window length in 'chunk' mode.")
+    chunk_overlap_seconds: float = Field(
+        1.0, ge=0, description="Overlap between consecutive windows, so no word is cut at a boundary."
+    )
+
+    @model_validator(mode="after")
+    def _check_chunks(self) -> MediaConfig:
+        if self.chunk_overlap_seconds >= self.chunk_seconds / 2:
+            raise ValueError(
+                f"media.chunk_overlap_seconds ({self.chunk_overlap_seconds}) must be under half of "
+                f"media.chunk_seconds ({self.chunk_seconds}). Try a smaller overlap."
+            )
+        return self
 
 
 class ModelConfig(_Strict):

@@ -80,6 +80,9 @@ PREPARED_SCHEMA = pa.schema(
         pa.field("num_images", pa.int16()),
         pa.field("num_audios", pa.int16()),
         pa.field("audio_seconds", pa.float32()),
+        # > 0: `audios` holds this many overlapping windows of one clip, each its own request
+        pa.field("audio_chunks", pa.int16()),
+        pa.field("media_adjustments", pa.string()),
     ]
     + SAMPLING_FIELDS
     + [pa.field("preprocess_s", pa.float32())]
@@ -98,11 +101,13 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("num_images", pa.int16()),
         pa.field("num_audios", pa.int16()),
         pa.field("audio_seconds", pa.float32()),
+        pa.field("audio_chunks", pa.int16()),
+        pa.field("media_adjustments", pa.string()),
         pa.field("preprocess_s", pa.float32()),
         pa.field("generate_s", pa.float32()),
         pa.field("run_id", pa.string()),
     ],
-    metadata={"phi4mm_batch.output_schema_version": "1"},
+    metadata={"phi4mm_batch.output_schema_version": "2"},
 )
 
 OUTPUT_COLUMN_DOCS: dict[str, str] = {
@@ -119,6 +124,8 @@ OUTPUT_COLUMN_DOCS: dict[str, str] = {
     "num_images": "Images in the row.",
     "num_audios": "Audio clips in the row.",
     "audio_seconds": "Total audio duration in seconds.",
+    "audio_chunks": "Windows a long clip was split into and transcribed as (media.long_audio: chunk); null otherwise.",
+    "media_adjustments": "What the CPU stage changed to make the row fit, e.g. an image downscaled; null if nothing.",
     "preprocess_s": "CPU time spent decoding and preparing this row.",
     "generate_s": "Wall time of the engine call that produced this row (shared by its batch).",
     "run_id": "Id of the run that wrote the row (one per jobs.run invocation).",

@@ -74,3 +74,41 @@ def test_lora_rank_rounds_up_to_a_supported_rank(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": r}))
     assert lora_rank_of(str(tmp_path)) == 320
+
+
+class WindowEngine:
+    """Transcribes window k as 'w{k-1} w{k}': neighbours share one word, as overlapping windows do."""
+
+    def __init__(self, config):
+        pass
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            k = int(r.audios[0][0]) if r.audios else 0
+            out.append(
+                EngineResult(
+                    text=f"w{k - 1} w{k}", prompt_tokens=10, completion_tokens=2, finish_reason="stop"
+                )
+            )
+        return out
+
+
+def test_chunked_rows_become_one_stitched_output_row(tiny_model, tmp_path):
+    stage = GenerateRows(make_config(tiny_model, tmp_path), run_id="r", engine_factory=WindowEngine)
+    windows = [np.full(1600, k, "<f4").tobytes() for k in (1, 2, 3)]
+    rows = [
+        _prepared(
+            "long",
+            "<|user|><|audio_1|>t<|end|><|assistant|>",
+            audios=windows,
+            audio_chunks=3,
+            adapter="speech",
+        ),
+        _prepared("short", "<|user|><|audio_1|>t<|end|><|assistant|>", audios=windows[:1], adapter="speech"),
+    ]
+    out = stage(pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)).to_pylist()
+    assert [r["id"] for r in out] == ["long", "short"]
+    assert out[0]["text"] == "w0 w1 w2 w3" and out[0]["audio_chunks"] == 3
+    assert (out[0]["prompt_tokens"], out[0]["completion_tokens"]) == (30, 6)
+    assert out[1]["text"] == "w0 w1" and out[1]["audio_chunks"] is None

@@ -1,8 +1,11 @@
 """The CPU stage called directly (no Ray): one prepared row per input row, errors as rows."""
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from actors.preprocess import PreprocessRows
 from actors.tokens import num_audio_tokens, num_image_tokens
@@ -92,3 +95,68 @@ def test_unexpected_exception_becomes_preprocess_error(prepare, monkeypatch):
     monkeypatch.setattr(mod, "build_prompt", boom)
     out = prepare(pa.Table.from_pylist([{"id": "a", "prompt": "hi"}])).to_pylist()
     assert out[0]["error_code"] == "PREPROCESS_ERROR" and "ZeroDivisionError" in out[0]["error_message"]
+
+
+def test_audio_as_float_array_with_a_rate_column(prepare):
+    rate = 8000
+    wave = (0.1 * np.sin(np.arange(rate) / 5)).tolist()  # 1 s at 8 kHz
+    rows = [
+        {"id": "arr", "audio": wave, "sampling_rate": rate},
+        {"id": "hf-decoded", "audio": None, "sampling_rate": None},
+        {"id": "no-rate", "audio": wave, "sampling_rate": None},
+    ]
+    schema = pa.schema(
+        [("id", pa.string()), ("audio", pa.list_(pa.float32())), ("sampling_rate", pa.int32())]
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    out = prepare(table).to_pylist()
+    assert [r["error_code"] for r in out] == [None, "MISSING_INPUT", "INVALID_INPUT"]
+    assert out[0]["adapter"] == "speech" and len(np.frombuffer(out[0]["audios"][0], "<f4")) == 16000
+    # the decoded form Hugging Face datasets writes: struct<array, sampling_rate>
+    decoded = pa.Table.from_pylist(
+        [{"id": "d", "audio": {"array": wave, "sampling_rate": rate}}],
+        schema=pa.schema([("id", pa.string()), ("audio", pa.struct([("array", pa.list_(pa.float32())),
+                                                                    ("sampling_rate", pa.int32())]))]),
+    )  # fmt: skip
+    (row,) = prepare(decoded).to_pylist()
+    assert row["status"] == "ok" and row["audio_seconds"] == pytest.approx(1.0)
+
+
+def test_long_audio_is_chunked_into_windows(tiny_model, tmp_path, tiny_tokenizer):
+    cfg = make_config(
+        tiny_model, tmp_path, media={"long_audio": "chunk", "chunk_seconds": 4, "chunk_overlap_seconds": 1}
+    )
+    wave = np.zeros(10 * 16000, np.float32).tolist()
+    schema = pa.schema(
+        [("id", pa.string()), ("audio", pa.list_(pa.float32())), ("sampling_rate", pa.int32())]
+    )
+    out = PreprocessRows(cfg)(
+        pa.Table.from_pylist([{"id": "long", "audio": wave, "sampling_rate": 16000}], schema=schema)
+    )
+    (row,) = out.to_pylist()
+    windows = [len(np.frombuffer(a, "<f4")) for a in row["audios"]]
+    assert row["audio_chunks"] == len(windows) == 3  # 0-4 s, 3-7 s, 6-10 s
+    assert windows == [64000, 64000, 64000]
+    text = len(tiny_tokenizer.encode(row["prompt"])) - 1
+    assert row["prompt_tokens"] == sum(text + num_audio_tokens(n) for n in windows)
+
+
+def test_image_over_budget_policy(tiny_model, tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (1792, 896), (10, 200, 30)).save(buf, format="PNG")  # 4x2 crops of 448 px
+    big = {"id": "big", "image": {"bytes": buf.getvalue(), "path": None}, "prompt": None}
+    schema = pa.schema([("id", pa.string()), ("image", MEDIA_STRUCT), ("prompt", pa.string())])
+    table = pa.Table.from_pylist([big], schema=schema)
+    # 2353 image tokens at dynamic_hd 16; images within one crop cost the same at any size, so
+    # only multi-crop images can shrink
+    limits = {"max_model_len": 1200, "dynamic_hd": 16}
+    rejected = PreprocessRows(make_config(tiny_model, tmp_path, engine=limits))(table).to_pylist()[0]
+    assert rejected["error_code"] == "PROMPT_TOO_LONG" and "downscale" in rejected["error_message"]
+    cfg = make_config(tiny_model, tmp_path, engine=limits, media={"image_over_budget": "downscale"})
+    fitted = PreprocessRows(cfg)(table).to_pylist()[0]
+    assert fitted["status"] == "ok" and fitted["prompt_tokens"] + 8 <= 1200
+    assert fitted["media_adjustments"].startswith("image downscaled 1792x896 -> ")
+    im = fitted["images"][0]
+    assert im["width"] < 1792 and len(im["rgb"]) == im["width"] * im["height"] * 3
+    text = len(PreprocessRows(cfg).counter._tokenizer.encode(fitted["prompt"])) - 1
+    assert fitted["prompt_tokens"] == text + num_image_tokens(im["width"], im["height"], 16)
