@@ -115,3 +115,16 @@ def test_seeded_sampling_repeats(generate):
     other = generate.engine.generate([EngineRequest(**{**req.__dict__, "seed": 12})])
     assert first[0].text == second[0].text
     assert first[0].text != other[0].text
+
+
+def test_chunked_long_audio_through_the_engine(config, generate):
+    chunking = config.model_copy(
+        update={"media": config.media.model_copy(update={"long_audio": "chunk", "chunk_seconds": 4.0})}
+    )
+    row = {"id": "long", "image": None, "audio": {"bytes": _wav(10.0, 16000, 9), "path": None}, "prompt": None}
+    schema = pa.schema([("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())])
+    prepared = PreprocessRows(chunking)(pa.Table.from_pylist([row], schema=schema))
+    (out,) = generate(prepared).to_pylist()
+    assert out["status"] == "ok" and out["audio_chunks"] == 3 and out["adapter"] == "speech"
+    assert out["prompt_tokens"] == prepared.column("prompt_tokens")[0].as_py()  # vLLM's sum over windows
+    assert out["completion_tokens"] <= 3 * 6 and out["text"]
