@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.engine_loop import EngineLoop
 from schemas.job import JobConfig
 from schemas.model import PHI4MM, Adapter
 
@@ -39,6 +40,8 @@ class EngineResult:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None  # set when the engine rejected or failed this one request
+    queued_s: float | None = None  # submitted -> admitted into the engine
+    engine_s: float | None = None  # submitted -> finished
 
 
 def lora_rank_of(model_path: str) -> int:
@@ -90,29 +93,40 @@ def engine_kwargs(config: JobConfig) -> dict:
 
 
 class Phi4MMEngine:
-    """One vLLM engine. ``generate`` returns one ``EngineResult`` per request, in order, and never raises
-    because of a single bad request."""
+    """One vLLM engine behind a continuous-batching loop. ``generate`` is thread-safe, returns one
+    ``EngineResult`` per request, in order, and never raises because of a single bad request."""
 
     def __init__(self, config: JobConfig):
         from vllm import LLM
         from vllm.lora.request import LoRARequest
+        from vllm.platforms import current_platform
 
         self.config = config
         started = time.perf_counter()
         self.llm = LLM(**engine_kwargs(config))
-        self.startup_s = time.perf_counter() - started
-        from vllm.platforms import current_platform
-
-        # vLLM's CPU LoRA ops index the stacked adapter weights with the row's slot, and a row without an
-        # adapter has slot -1, which torch reads as the *last* adapter: on the CPU a base (text) row that
-        # shares a step with adapter rows is silently computed with an adapter. Serve such rows apart there.
-        self.split_base_rows = config.model.use_lora and current_platform.is_cpu()
         self.lora_requests = {}
         if config.model.use_lora:
             for lora_id, adapter in enumerate(("vision", "speech"), start=1):
                 path = str(Path(config.model.path) / PHI4MM.adapter_dir(adapter))
                 self.lora_requests[adapter] = LoRARequest(f"phi4mm-{adapter}", lora_id, path)
+        # vLLM's CPU LoRA ops index the stacked adapter weights with the row's slot, and a row without an
+        # adapter has slot -1, which torch reads as the *last* adapter: on the CPU a base (text) row that
+        # shares a step with adapter rows is silently computed with an adapter. There, base and adapter
+        # requests never share a step (the loop's exclusive groups); GPU kernels skip slot -1.
+        self.split_base_rows = config.model.use_lora and current_platform.is_cpu()
+        self.loop = EngineLoop(self.llm.llm_engine, exclusive_groups=self.split_base_rows)
+        self._warm_up()
+        self.startup_s = time.perf_counter() - started
         logger.info("vLLM engine ready in %.1f s", self.startup_s)
+
+    def _warm_up(self) -> None:
+        """One short request before taking rows, so the first batch does not pay for lazy setup."""
+        warm = EngineRequest(
+            prompt=f"{PHI4MM.user_tag}hello{PHI4MM.end_tag}{PHI4MM.assistant_tag}", max_tokens=1
+        )
+        (result,) = self.generate([warm])
+        if result.error:
+            raise RuntimeError(f"engine warm-up failed: {result.error}")
 
     def _sampling_params(self, request: EngineRequest):
         from vllm import SamplingParams
@@ -139,48 +153,39 @@ class Phi4MMEngine:
             prompt["multi_modal_data"] = mm
         return prompt
 
-    def _run(self, requests: list[EngineRequest]) -> list[EngineResult]:
-        outputs = self.llm.generate(
-            [self._prompt(r) for r in requests],
-            sampling_params=[self._sampling_params(r) for r in requests],
-            lora_request=[self.lora_requests.get(r.adapter) if r.adapter else None for r in requests],
-            use_tqdm=False,
-        )
-        results = []
-        for out in outputs:
-            completion = out.outputs[0]
-            results.append(
-                EngineResult(
-                    text=completion.text,
-                    prompt_tokens=len(out.prompt_token_ids),
-                    completion_tokens=len(completion.token_ids),
-                    finish_reason=completion.finish_reason,
-                )
-            )
-        return results
-
     def generate(self, requests: list[EngineRequest]) -> list[EngineResult]:
-        if not requests:
-            return []
-        groups = [
-            [i for i, r in enumerate(requests) if (r.adapter is None) == base] for base in (True, False)
-        ]
-        if self.split_base_rows and all(groups):
-            results: list[EngineResult | None] = [None] * len(requests)
-            for group in groups:
-                for i, result in zip(
-                    group, self._generate_isolated([requests[i] for i in group]), strict=True
-                ):
-                    results[i] = result
-            return results
-        return self._generate_isolated(requests)
+        futures = []
+        for r in requests:
+            try:
+                params = self._sampling_params(r)
+            except Exception as e:  # e.g. a sampling value vLLM refuses: this row only
+                futures.append(e)
+                continue
+            lora = self.lora_requests.get(r.adapter) if r.adapter else None
+            futures.append(
+                self.loop.submit(self._prompt(r), params, lora, group="base" if lora is None else "lora")
+            )
+        return [self._result(f) for f in futures]
 
-    def _generate_isolated(self, requests: list[EngineRequest]) -> list[EngineResult]:
-        """One batched call; if vLLM rejects the call, retry one by one so only the bad request fails."""
+    @staticmethod
+    def _result(future) -> EngineResult:
         try:
-            return self._run(requests)
-        except Exception as batch_error:  # vLLM rejects a whole generate() call for one invalid prompt
-            if len(requests) == 1:
-                return [EngineResult(error=f"{type(batch_error).__name__}: {batch_error}")]
-            logger.warning("batch of %d failed (%s); retrying one by one", len(requests), batch_error)
-            return [self._generate_isolated([r])[0] for r in requests]
+            if isinstance(future, Exception):
+                raise future
+            out, queued_s, engine_s = future.result()
+        except Exception as e:
+            return EngineResult(error=f"{type(e).__name__}: {e}")
+        completion = out.outputs[0]
+        return EngineResult(
+            text=completion.text,
+            prompt_tokens=len(out.prompt_token_ids),
+            completion_tokens=len(completion.token_ids),
+            finish_reason=completion.finish_reason,
+            queued_s=queued_s,
+            engine_s=engine_s,
+        )
+
+    def stats(self) -> dict:
+        s = self.loop.stats
+        return {"startup_s": round(self.startup_s, 2), "requests": s.requests, "rejected": s.rejected,
+                "steps": s.steps, "busy_s": round(s.busy_s, 2), "max_in_flight": s.max_in_flight}  # fmt: skip

@@ -7,7 +7,6 @@ other row gets the engine's answer or an ENGINE_ERROR, so each prepared row yiel
 from __future__ import annotations
 
 import importlib
-import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -82,16 +81,13 @@ class GenerateRows:
         rows = [output_row_from_prepared(p, self.config.model_name, self.run_id) for p in prepared]
         todo = [i for i, p in enumerate(prepared) if p["status"] == Status.OK.value]
         per_row = [to_engine_requests(prepared[i]) for i in todo]
-        started = time.perf_counter()
         flat: list[EngineResult] = self.engine.generate([r for requests in per_row for r in requests])
-        elapsed = time.perf_counter() - started
         if len(flat) != sum(map(len, per_row)):  # an engine that loses requests must never lose rows
             raise RuntimeError(f"engine returned {len(flat)} results for {sum(map(len, per_row))} requests")
         offsets = np.cumsum([0] + [len(r) for r in per_row])
         results = [merge_results(flat[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         for i, result in zip(todo, results, strict=True):
             row = rows[i]
-            row["generate_s"] = elapsed
             if result.error is not None:
                 row.update(
                     status=Status.ERROR.value,
@@ -105,5 +101,7 @@ class GenerateRows:
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 finish_reason=result.finish_reason,
+                queue_s=result.queued_s,
+                engine_s=result.engine_s,
             )
         return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)

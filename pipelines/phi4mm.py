@@ -38,6 +38,7 @@ def build_stages(config: JobConfig, run_id: str) -> list[StageSpec]:
             batch_size=pre.batch_size,
             num_cpus=pre.num_cpus,
             num_gpus=pre.num_gpus,
+            concurrent_batches=pre.concurrent_batches,
         ),
         StageSpec(
             fn=GenerateRows,
@@ -47,6 +48,7 @@ def build_stages(config: JobConfig, run_id: str) -> list[StageSpec]:
             num_cpus=gen.num_cpus,
             num_gpus=gen.num_gpus,
             env=engine_env,
+            concurrent_batches=gen.concurrent_batches,
         ),
     ]
 

@@ -23,17 +23,27 @@ class StageSpec(BaseModel):
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of the stage's actors."
     )
+    concurrent_batches: int = Field(1, ge=1, description="Calls one actor runs at once (in threads).")
 
 
 def apply(ds, stages: list[StageSpec]):
     """Chain the stages onto a Ray dataset with the public ``map_batches``; nothing else."""
+    from ray.data import ActorPoolStrategy
+
     for stage in stages:
+        low, high = stage.concurrency if isinstance(stage.concurrency, tuple) else (stage.concurrency,) * 2
+        compute = ActorPoolStrategy(
+            min_size=low,
+            max_size=high,
+            max_concurrent_calls_per_actor=stage.concurrent_batches,
+            enable_true_multi_threading=stage.concurrent_batches > 1,
+        )
         ds = ds.map_batches(
             stage.fn,
             fn_constructor_kwargs=stage.fn_constructor_kwargs,
             batch_size=stage.batch_size,
             batch_format="pyarrow",
-            concurrency=stage.concurrency,
+            compute=compute,
             num_cpus=stage.num_cpus,
             num_gpus=stage.num_gpus or None,
             udf_modifying_row_count=False,

@@ -211,6 +211,14 @@ class StageResources(_Strict):
     batch_size: int = Field(16, ge=1, description="Rows per batch handed to one actor call.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    concurrent_batches: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Batches one actor works on at once. On GPU actors they share the engine's continuous batching, "
+            "so a slow batch never idles the engine while the next one waits."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_pool(self) -> StageResources:
@@ -234,7 +242,9 @@ class ResourcesConfig(_Strict):
         description="CPU actors that decode media and count tokens.",
     )
     generate: StageResources = Field(
-        default_factory=lambda: StageResources(concurrency=1, batch_size=32, num_cpus=1, num_gpus=1),
+        default_factory=lambda: StageResources(
+            concurrency=1, batch_size=32, num_cpus=1, num_gpus=1, concurrent_batches=4
+        ),
         description="GPU actors that host vLLM.",
     )
 

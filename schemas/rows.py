@@ -104,7 +104,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("audio_chunks", pa.int16()),
         pa.field("media_adjustments", pa.string()),
         pa.field("preprocess_s", pa.float32()),
-        pa.field("generate_s", pa.float32()),
+        pa.field("queue_s", pa.float32()),
+        pa.field("engine_s", pa.float32()),
         pa.field("run_id", pa.string()),
     ],
     metadata={"phi4mm_batch.output_schema_version": "2"},
@@ -127,7 +128,8 @@ OUTPUT_COLUMN_DOCS: dict[str, str] = {
     "audio_chunks": "Windows a long clip was split into and transcribed as (media.long_audio: chunk); null otherwise.",
     "media_adjustments": "What the CPU stage changed to make the row fit, e.g. an image downscaled; null if nothing.",
     "preprocess_s": "CPU time spent decoding and preparing this row.",
-    "generate_s": "Wall time of the engine call that produced this row (shared by its batch).",
+    "queue_s": "Seconds the row's request waited in the GPU actor before the engine admitted it.",
+    "engine_s": "Seconds from submitting the row's request to its completion (queue_s included).",
     "run_id": "Id of the run that wrote the row (one per jobs.run invocation).",
 }
 

@@ -121,8 +121,15 @@ def test_chunked_long_audio_through_the_engine(config, generate):
     chunking = config.model_copy(
         update={"media": config.media.model_copy(update={"long_audio": "chunk", "chunk_seconds": 4.0})}
     )
-    row = {"id": "long", "image": None, "audio": {"bytes": _wav(10.0, 16000, 9), "path": None}, "prompt": None}
-    schema = pa.schema([("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())])
+    row = {
+        "id": "long",
+        "image": None,
+        "audio": {"bytes": _wav(10.0, 16000, 9), "path": None},
+        "prompt": None,
+    }
+    schema = pa.schema(
+        [("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())]
+    )
     prepared = PreprocessRows(chunking)(pa.Table.from_pylist([row], schema=schema))
     (out,) = generate(prepared).to_pylist()
     assert out["status"] == "ok" and out["audio_chunks"] == 3 and out["adapter"] == "speech"
