@@ -31,6 +31,7 @@ class EngineRequest:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    alone: bool = False  # run with nothing else in the engine (suspected of crashing it)
 
 
 @dataclass
@@ -162,9 +163,8 @@ class Phi4MMEngine:
                 futures.append(e)
                 continue
             lora = self.lora_requests.get(r.adapter) if r.adapter else None
-            futures.append(
-                self.loop.submit(self._prompt(r), params, lora, group="base" if lora is None else "lora")
-            )
+            group = "base" if lora is None else "lora"
+            futures.append(self.loop.submit(self._prompt(r), params, lora, group=group, alone=r.alone))
         return [self._result(f) for f in futures]
 
     @staticmethod

@@ -28,6 +28,7 @@ class Submission:
     params: object
     lora_request: object | None
     group: str  # requests of different groups never share an engine step when groups are exclusive
+    alone: bool = False  # runs with nothing else in the engine (a row suspected of crashing it)
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float | None = None
@@ -61,8 +62,8 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: dict, params, lora_request=None, group: str = "") -> Future:
-        sub = Submission(prompt, params, lora_request, group)
+    def submit(self, prompt: dict, params, lora_request=None, group: str = "", alone: bool = False) -> Future:
+        sub = Submission(prompt, params, lora_request, group, alone)
         with self._lock:
             self._waiting.append(sub)
         self._wake.set()
@@ -75,6 +76,8 @@ class EngineLoop:
                 running_groups = {s.group for s in self._running.values()}
                 if self.exclusive_groups and running_groups and sub.group not in running_groups:
                     break  # wait for the other group to drain; FIFO, so neither starves
+                if self._running and (sub.alone or any(s.alone for s in self._running.values())):
+                    break
                 self._waiting.popleft()
                 request_id = str(next(self._ids))
                 try:

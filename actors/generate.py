@@ -7,12 +7,15 @@ other row gets the engine's answer or an ENGINE_ERROR, so each prepared row yiel
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 
+from actors.attempts import QUARANTINE_AFTER, AttemptLedger, LocalAttemptLedger
 from actors.chunks import stitch_texts
 from actors.engine import EngineRequest, EngineResult, Phi4MMEngine
 from schemas.job import JobConfig
@@ -29,7 +32,7 @@ def run_init_hook(spec: str | None) -> None:
     getattr(importlib.import_module(module), func)()
 
 
-def to_engine_requests(row: dict) -> list[EngineRequest]:
+def to_engine_requests(row: dict, alone: bool = False) -> list[EngineRequest]:
     """A prepared row's requests: one, or one per window of a chunked audio clip."""
     from PIL import Image
 
@@ -42,6 +45,7 @@ def to_engine_requests(row: dict) -> list[EngineRequest]:
         temperature=row["temperature"],
         top_p=row["top_p"],
         seed=row["seed"],
+        alone=alone,
     )
     if not row["audio_chunks"]:
         return [request]
@@ -69,24 +73,56 @@ class GenerateRows:
     """Runs every ok row of a batch through the engine in one batched call."""
 
     def __init__(
-        self, config: JobConfig, run_id: str, engine_factory: Callable[[JobConfig], object] | None = None
+        self,
+        config: JobConfig,
+        run_id: str,
+        engine_factory: Callable[[JobConfig], object] | None = None,
+        ledger: AttemptLedger | None = None,
     ):
         run_init_hook(config.engine.init_hook)
         self.config = config
         self.run_id = run_id
+        self.ledger = ledger or LocalAttemptLedger()
+        self.actor_key = f"{socket.gethostname()}:{os.getpid()}"
         self.engine = (engine_factory or Phi4MMEngine)(config)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prepared = batch.to_pylist()
         rows = [output_row_from_prepared(p, self.config.model_name, self.run_id) for p in prepared]
         todo = [i for i, p in enumerate(prepared) if p["status"] == Status.OK.value]
-        per_row = [to_engine_requests(prepared[i]) for i in todo]
+        attempts = self.ledger.attempts([prepared[i]["id"] for i in todo])
+        normal, suspects = [], []
+        for i, tries in zip(todo, attempts, strict=True):
+            if tries >= QUARANTINE_AFTER:
+                rows[i].update(
+                    status=Status.ERROR.value,
+                    error_code=ErrorCode.ENGINE_CRASH_QUARANTINED.value,
+                    error_message=(
+                        f"the engine died {tries} times while this row was in it, the last time with no other "
+                        "row beside it: it is set aside so the job can finish. Check its media and prompt."
+                    ),
+                )
+            else:
+                (suspects if tries else normal).append(i)
+        # A row that was in the engine when it died runs alone, so a second crash names the culprit.
+        for i in suspects:
+            self._run([i], prepared, rows, alone=True)
+        if normal:
+            self._run(normal, prepared, rows, alone=False)
+        self.ledger.report(self.actor_key, self.engine.stats())
+        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+    def _run(self, indices: list[int], prepared: list[dict], rows: list[dict], alone: bool) -> None:
+        ids = [prepared[i]["id"] for i in indices]
+        per_row = [to_engine_requests(prepared[i], alone) for i in indices]
+        self.ledger.start(ids)
         flat: list[EngineResult] = self.engine.generate([r for requests in per_row for r in requests])
+        self.ledger.finish(ids)
         if len(flat) != sum(map(len, per_row)):  # an engine that loses requests must never lose rows
             raise RuntimeError(f"engine returned {len(flat)} results for {sum(map(len, per_row))} requests")
         offsets = np.cumsum([0] + [len(r) for r in per_row])
         results = [merge_results(flat[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-        for i, result in zip(todo, results, strict=True):
+        for i, result in zip(indices, results, strict=True):
             row = rows[i]
             if result.error is not None:
                 row.update(
@@ -104,4 +140,3 @@ class GenerateRows:
                 queue_s=result.queued_s,
                 engine_s=result.engine_s,
             )
-        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)

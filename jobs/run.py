@@ -83,6 +83,11 @@ def format_summary(summary: dict) -> str:
         )
     for code, n in summary["error_codes"].items():
         lines.append(f"    {code:<28} {n}")
+    for actor, engine in summary.get("engines", {}).items():
+        lines.append(
+            f"  engine {actor:<20} start {engine['startup_s']} s, {engine['requests']} requests, "
+            f"busy {engine['busy_s']} s, up to {engine['max_in_flight']} in flight"
+        )
     audit = summary["audit"]
     verdict = "ok" if audit["ok"] else "FAILED"
     lines += [

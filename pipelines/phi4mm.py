@@ -21,7 +21,7 @@ from schemas.job import JobConfig
 logger = logging.getLogger(__name__)
 
 
-def build_stages(config: JobConfig, run_id: str) -> list[StageSpec]:
+def build_stages(config: JobConfig, run_id: str, ledger=None) -> list[StageSpec]:
     from actors.generate import GenerateRows
     from actors.preprocess import PreprocessRows
 
@@ -42,7 +42,7 @@ def build_stages(config: JobConfig, run_id: str) -> list[StageSpec]:
         ),
         StageSpec(
             fn=GenerateRows,
-            fn_constructor_kwargs={"config": config, "run_id": run_id},
+            fn_constructor_kwargs={"config": config, "run_id": run_id, "ledger": ledger},
             concurrency=gen.concurrency,
             batch_size=gen.batch_size,
             num_cpus=gen.num_cpus,
@@ -132,11 +132,18 @@ def run_pipeline(config: JobConfig, run_id: str) -> dict[str, Any]:
             batch_format="pyarrow",
             fn_kwargs={"id_column": config.input.columns.id, "done_ids": done_ids},
         )
-    ds = apply(ds, build_stages(config, run_id))
+    from pipelines.ledger import RayAttemptLedger
+
+    ledger = RayAttemptLedger(run_id).create()  # outlives GPU actors that crash
+    ds = apply(ds, build_stages(config, run_id, ledger))
     from pipelines.sink import CommittingParquetSink
 
     sink = CommittingParquetSink(config.output.path, run_id, config.output.rows_per_file)
-    ds.write_datasink(sink, ray_remote_args=io_args)
+    try:
+        ds.write_datasink(sink, ray_remote_args=io_args)
+        engines = ledger.engine_stats()
+    finally:
+        ledger.close()
     wall_s = time.perf_counter() - started
     stats = sink.stats
     check = audit(_input_ids(config), config.output.path)
@@ -154,6 +161,7 @@ def run_pipeline(config: JobConfig, run_id: str) -> dict[str, Any]:
         "wall_s": round(wall_s, 2),
         "rows_per_s": round(stats.rows / wall_s, 3) if wall_s else None,
         "files": sorted(stats.files),
+        "engines": engines,
         "audit": {**check.__dict__, "ok": check.ok},
     }
     write_manifest(config.output.path, run_id, summary)

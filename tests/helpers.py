@@ -28,7 +28,13 @@ def make_config(tiny_model: str, tmp_path: Path, **sections):
         "resources": {
             "io_num_cpus": 0.25,
             "preprocess": {"concurrency": 1, "batch_size": 8, "num_cpus": 0.5},
-            "generate": {"concurrency": 1, "batch_size": 8, "num_cpus": 0.5, "num_gpus": 0, "concurrent_batches": 2},
+            "generate": {
+                "concurrency": 1,
+                "batch_size": 8,
+                "num_cpus": 0.5,
+                "num_gpus": 0,
+                "concurrent_batches": 2,
+            },
         },
     }
     for section, values in sections.items():

@@ -84,3 +84,13 @@ def test_engine_death_is_reported():
     loop = EngineLoop(engine, on_engine_death=lambda e: died.set())
     loop.submit({"steps": 5}, None)
     assert died.wait(5)
+
+
+def test_a_request_submitted_alone_never_shares_a_step():
+    engine = ScriptedEngine()
+    loop = EngineLoop(engine)
+    futures = [loop.submit({"steps": 3}, None, f"r{i}", alone=(i == 2)) for i in range(5)]
+    for f in futures:
+        f.result(timeout=5)
+    solo_steps = [g for g in engine.groups_per_step if "r2" in g]
+    assert solo_steps and all(g == {"r2"} for g in solo_steps)

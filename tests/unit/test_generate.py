@@ -16,6 +16,9 @@ class EchoEngine:
     def __init__(self, config):
         self.calls = []
 
+    def stats(self):
+        return {"requests": sum(map(len, self.calls))}
+
     def generate(self, requests):
         self.calls.append(requests)
         return [
@@ -82,6 +85,9 @@ class WindowEngine:
     def __init__(self, config):
         pass
 
+    def stats(self):
+        return {}
+
     def generate(self, requests):
         out = []
         for r in requests:
@@ -112,3 +118,45 @@ def test_chunked_rows_become_one_stitched_output_row(tiny_model, tmp_path):
     assert out[0]["text"] == "w0 w1 w2 w3" and out[0]["audio_chunks"] == 3
     assert (out[0]["prompt_tokens"], out[0]["completion_tokens"]) == (30, 6)
     assert out[1]["text"] == "w0 w1" and out[1]["audio_chunks"] is None
+
+
+class CrashLedger:
+    """A ledger that remembers earlier crashes, as the run's ledger actor would after actor restarts."""
+
+    def __init__(self, attempts):
+        from actors.attempts import LocalAttemptLedger
+
+        self.inner = LocalAttemptLedger()
+        for row_id, n in attempts.items():
+            for _ in range(n):
+                self.inner.start([row_id])
+        self.started = []
+
+    def attempts(self, ids):
+        return self.inner.attempts(ids)
+
+    def start(self, ids):
+        self.started.append(list(ids))
+        self.inner.start(ids)
+
+    def finish(self, ids):
+        self.inner.finish(ids)
+
+    def report(self, actor, stats):
+        self.stats = stats
+
+
+def test_suspects_run_alone_and_repeat_offenders_are_quarantined(tiny_model, tmp_path):
+    ledger = CrashLedger({"once": 1, "twice": 2})
+    stage = GenerateRows(
+        make_config(tiny_model, tmp_path), run_id="r", engine_factory=EchoEngine, ledger=ledger
+    )
+    rows = [_prepared(i, f"<|user|>{i}<|end|><|assistant|>") for i in ("a", "once", "twice", "b")]
+    out = stage(pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "ok", "error", "ok"]
+    assert out[2]["error_code"] == "ENGINE_CRASH_QUARANTINED"
+    assert ledger.started == [["once"], ["a", "b"]]  # the suspect alone, first
+    calls = stage.engine.calls
+    assert [len(c) for c in calls] == [1, 2] and calls[0][0].alone and not calls[1][0].alone
+    assert ledger.inner.attempts(["a", "once", "twice", "b"]) == [0, 0, 2, 0]
+    assert ledger.stats == {"requests": 3}

@@ -1,0 +1,58 @@
+"""Which rows were in the engine when it died: the memory that lets a crashing row be isolated, then
+quarantined, instead of killing every restarted actor that retries its batch.
+
+A row's *unfinished attempts* count the times it was handed to an engine without coming back. The GPU
+stage runs a row with one unfinished attempt alone (so a second crash names the culprit) and turns a
+row with two into an ENGINE_CRASH_QUARANTINED error row. The ledger must outlive the actor that
+crashed: in a pipeline it is a Ray actor (``pipelines.ledger``); this in-process one serves tests.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Protocol
+
+QUARANTINE_AFTER = 2
+
+
+class AttemptLedger(Protocol):
+    def attempts(self, ids: list[str]) -> list[int]:
+        """Each row's unfinished attempts so far."""
+
+    def start(self, ids: list[str]) -> None:
+        """Record that these rows enter the engine."""
+
+    def finish(self, ids: list[str]) -> None:
+        """Record that these rows came back from the engine (with a result or a per-row error)."""
+
+    def report(self, actor: str, stats: dict) -> None:
+        """Latest engine statistics of one GPU actor."""
+
+
+class LocalAttemptLedger:
+    def __init__(self):
+        self._unfinished: Counter = Counter()
+        self._stats: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def attempts(self, ids: list[str]) -> list[int]:
+        with self._lock:
+            return [self._unfinished[i] for i in ids]
+
+    def start(self, ids: list[str]) -> None:
+        with self._lock:
+            self._unfinished.update(ids)
+
+    def finish(self, ids: list[str]) -> None:
+        with self._lock:
+            for i in ids:
+                self._unfinished.pop(i, None)
+
+    def report(self, actor: str, stats: dict) -> None:
+        with self._lock:
+            self._stats[actor] = stats
+
+    def engine_stats(self) -> dict[str, dict]:
+        with self._lock:
+            return dict(self._stats)
