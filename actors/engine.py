@@ -31,6 +31,7 @@ class EngineRequest:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    stop: list[str] | None = None
     alone: bool = False  # run with nothing else in the engine (suspected of crashing it)
 
 
@@ -138,7 +139,7 @@ class Phi4MMEngine:
             temperature=s.temperature if request.temperature is None else request.temperature,
             top_p=s.top_p if request.top_p is None else request.top_p,
             seed=s.seed if request.seed is None else request.seed,
-            stop=list(s.stop) or None,
+            stop=(request.stop if request.stop is not None else list(s.stop)) or None,
             ignore_eos=s.ignore_eos,
         )
 

@@ -45,6 +45,7 @@ def to_engine_requests(row: dict, alone: bool = False) -> list[EngineRequest]:
         temperature=row["temperature"],
         top_p=row["top_p"],
         seed=row["seed"],
+        stop=row["stop"],
         alone=alone,
     )
     if not row["audio_chunks"]:

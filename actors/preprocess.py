@@ -23,6 +23,13 @@ from schemas.rows import PREPARED_SCHEMA, ErrorCode, RowError, Status, empty_pre
 logger = logging.getLogger(__name__)
 
 
+def _stop_list(value) -> list[str]:
+    values = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(v, str) for v in values):
+        raise TypeError("stop strings must be text")
+    return values
+
+
 def load_tokenizer(config: JobConfig):
     from transformers import AutoTokenizer
 
@@ -180,6 +187,12 @@ class PreprocessRows:
             ("temperature", float, lambda v: v >= 0, ">= 0"),
             ("top_p", float, lambda v: 0 < v <= 1, "in (0, 1]"),
             ("seed", int, lambda v: True, "an integer"),
+            (
+                "stop",
+                _stop_list,
+                lambda v: 0 < len(v) <= 16 and all(v),
+                "a string or a list of 1-16 non-empty strings",
+            ),
         ):
             column = getattr(cols, name)
             value = row.get(column) if column else None
@@ -188,7 +201,7 @@ class PreprocessRows:
             try:
                 value = cast(value)
                 ok = valid(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 ok = False
             if not ok:
                 raise RowError(

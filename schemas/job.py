@@ -39,6 +39,7 @@ class ColumnsConfig(_Strict):
     )
     top_p: str | None = Field("top_p", description="Optional per-row top_p override column.")
     seed: str | None = Field("seed", description="Optional per-row sampling seed column.")
+    stop: str | None = Field("stop", description="Optional per-row stop strings column (string or list).")
     sampling_rate: str | None = Field(
         "sampling_rate",
         description="Sampling rate (Hz) of audio given as a float array in the audio column.",

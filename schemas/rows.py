@@ -59,6 +59,7 @@ SAMPLING_FIELDS: list[pa.Field] = [
     pa.field("temperature", pa.float32()),
     pa.field("top_p", pa.float32()),
     pa.field("seed", pa.int64()),
+    pa.field("stop", pa.list_(pa.string())),
 ]
 
 STATUS_FIELDS: list[pa.Field] = [

@@ -135,3 +135,12 @@ def test_chunked_long_audio_through_the_engine(config, generate):
     assert out["status"] == "ok" and out["audio_chunks"] == 3 and out["adapter"] == "speech"
     assert out["prompt_tokens"] == prepared.column("prompt_tokens")[0].as_py()  # vLLM's sum over windows
     assert out["completion_tokens"] <= 3 * 6 and out["text"]
+
+
+def test_per_row_stop_strings_end_generation(generate):
+    prompt = "<|user|>hello world<|end|><|assistant|>"
+    (free,) = generate.engine.generate([EngineRequest(prompt=prompt, max_tokens=12)])
+    first_word = free.text.split()[1] if len(free.text.split()) > 1 else free.text.split()[0]
+    (stopped,) = generate.engine.generate([EngineRequest(prompt=prompt, max_tokens=12, stop=[first_word])])
+    assert stopped.finish_reason == "stop" and stopped.completion_tokens < free.completion_tokens
+    assert first_word not in stopped.text

@@ -58,11 +58,13 @@ def test_budget_and_sampling_checks(tiny_model, tmp_path):
         {"id": "img", "image": {"bytes": (MEDIA / "cat.jpg").read_bytes(), "path": None}, "prompt": None},
         {"id": "txt", "prompt": "hello", "max_tokens": 1000},
         {"id": "bad-temp", "prompt": "hello", "temperature": -1.0},
-        {"id": "ok", "prompt": "hello", "max_tokens": 4, "seed": 7},
+        {"id": "ok", "prompt": "hello", "max_tokens": 4, "seed": 7, "stop": ["END", "###"]},
         {"id": None, "prompt": "no id"},
+        {"id": "bad-stop", "prompt": "hello", "stop": [""]},
     ]
     schema = pa.schema([("id", pa.string()), ("image", MEDIA_STRUCT), ("prompt", pa.string()),
-                        ("max_tokens", pa.int64()), ("temperature", pa.float64()), ("seed", pa.int64())])  # fmt: skip
+                        ("max_tokens", pa.int64()), ("temperature", pa.float64()), ("seed", pa.int64()),
+                        ("stop", pa.list_(pa.string()))])  # fmt: skip
     out = PreprocessRows(cfg)(pa.Table.from_pylist(rows, schema=schema))
     got = [(r["id"], r["status"], r["error_code"]) for r in out.to_pylist()]
     assert got == [
@@ -71,8 +73,10 @@ def test_budget_and_sampling_checks(tiny_model, tmp_path):
         ("bad-temp", "error", "INVALID_SAMPLING"),
         ("ok", "ok", None),
         (None, "error", "MISSING_ID"),
+        ("bad-stop", "error", "INVALID_SAMPLING"),
     ]
-    assert out.to_pylist()[3]["max_tokens"] == 4 and out.to_pylist()[3]["seed"] == 7
+    ok = out.to_pylist()[3]
+    assert (ok["max_tokens"], ok["seed"], ok["stop"]) == (4, 7, ["END", "###"])
     assert "Try" in out.to_pylist()[0]["error_message"]
 
 
