@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from math import gcd
 
 import numpy as np
 
@@ -177,7 +176,7 @@ def _to_rgb(img):
 
 
 def decode_audio(data: bytes, where: str, min_seconds: float, max_seconds: float) -> DecodedAudio:
-    """Decode WAV/FLAC/OGG/MP3 with libsndfile, mix to mono and resample to 16 kHz."""
+    """Decode WAV/FLAC/OGG/MP3 with libsndfile, mix to mono and resample to 16 kHz with soxr."""
     import soundfile as sf
 
     if not data:
@@ -259,10 +258,9 @@ def prepare_waveform(samples: np.ndarray, rate: int, where: str, min_seconds: fl
     if not np.isfinite(samples).all():
         raise RowError(ErrorCode.AUDIO_DECODE_ERROR, f"audio {where} contains NaN or infinite samples.")
     if rate != target:
-        from scipy.signal import resample_poly
+        import soxr  # libsoxr's HQ resampler: about 3x faster than scipy's polyphase filter, same length
 
-        g = gcd(rate, target)
-        samples = resample_poly(samples, target // g, rate // g).astype(np.float32)
+        samples = soxr.resample(samples, rate, target, quality="HQ").astype(np.float32, copy=False)
     # Resampling can leave a clip a few samples under one analysis window: the encoder needs a full one.
     if len(samples) < PHI4MM.audio_window:
         samples = np.pad(samples, (0, PHI4MM.audio_window - len(samples)))
