@@ -43,6 +43,7 @@ lint: .venv/.ready
 
 bench: .venv/.ready
 	$(PY) -m bench.preprocess
+	$(PY) -m bench.engine
 
 clean:
 	rm -rf $(CACHE) out .pytest_cache

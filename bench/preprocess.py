@@ -93,7 +93,9 @@ def bench_gpu_actor_media(inputs, seconds, engine_ms_per_row: float) -> dict:
 
     from actors.media import decode_audio
 
-    spec = importlib.util.spec_from_file_location("tiny_proc", REPO / "jobs" / "tiny_model" / "processing_phi4mm_tiny.py")
+    spec = importlib.util.spec_from_file_location(
+        "tiny_proc", REPO / "jobs" / "tiny_model" / "processing_phi4mm_tiny.py"
+    )
     proc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(proc)
     image = Image.open(io.BytesIO(inputs["jpeg_1080p"])).convert("RGB")
@@ -104,7 +106,9 @@ def bench_gpu_actor_media(inputs, seconds, engine_ms_per_row: float) -> dict:
         per_s, _ = rate(lambda ip=ip: ip([image]), seconds)
         out[f"gpu_actor.image_processor_dhd{hd}.crops_per_s"] = per_s * crops
         out[f"gpu_actor.image_processor_dhd{hd}.images_per_s"] = per_s
-        out[f"gpu_actor.image_processor_dhd{hd}.cpu_share_of_row"] = (1000 / per_s) / (1000 / per_s + engine_ms_per_row)
+        out[f"gpu_actor.image_processor_dhd{hd}.cpu_share_of_row"] = (1000 / per_s) / (
+            1000 / per_s + engine_ms_per_row
+        )
     ap = proc.Phi4MMTinyAudioProcessor()
     wav = decode_audio(inputs["flac_30s_48k"], "bench", 0.025, 3600).samples
     per_s, _ = rate(lambda: ap([(wav, 16000)]), seconds)
@@ -169,7 +173,11 @@ def main(argv=None) -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "figures": figures,
     }
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"preprocess-{platform.node() or 'host'}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else REPO / "bench" / "results" / f"preprocess-{platform.node() or 'host'}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     width = max(map(len, figures))
