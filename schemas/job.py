@@ -283,6 +283,28 @@ class JobConfig(_Strict):
             raise ValueError(
                 "engine.tensor_parallel_size > 1 needs engine.executor 'mp' or 'ray'; try executor: mp."
             )
+        if self.engine.tensor_parallel_size > 1 and self.engine.executor == "ray":
+            raise ValueError(
+                "engine.executor 'ray' would place the engine's workers outside the actor's GPUs. "
+                "Try executor: mp with resources.generate.num_gpus equal to tensor_parallel_size: the actor "
+                "then holds all its engine's GPUs on one node, like a one-bundle placement group."
+            )
+        if (
+            gen.num_gpus
+            and gen.num_gpus < 1
+            and self.engine.tensor_parallel_size == 1
+            and gen.num_gpus * 2 > 1
+        ):
+            raise ValueError(
+                f"resources.generate.num_gpus {gen.num_gpus} leaves less than a GPU per engine but more than "
+                "half: two engines cannot share it. Try 1, or 0.5 with engine.gpu_memory_utilization <= 0.45."
+            )
+        if gen.num_gpus and gen.num_gpus < 1 and self.engine.gpu_memory_utilization > gen.num_gpus:
+            raise ValueError(
+                f"engines sharing a GPU (resources.generate.num_gpus {gen.num_gpus}) must each take at most that "
+                f"share of its memory; engine.gpu_memory_utilization is {self.engine.gpu_memory_utilization}. "
+                f"Try gpu_memory_utilization: {gen.num_gpus * 0.9:.2f}."
+            )
         return self
 
     @classmethod

@@ -47,6 +47,11 @@ def test_every_output_column_is_documented():
         ({"engine": {"tensor_parallel_size": 2, "executor": "mp"}, "resources": {"generate": {"num_gpus": 1}}},
          "must equal engine.tensor_parallel_size"),
         ({"resources": {"generate": {"concurrency": (3, 1)}}}, "min <= max"),
+        ({"engine": {"tensor_parallel_size": 2, "executor": "ray"}, "resources": {"generate": {"num_gpus": 2}}},
+         "Try executor: mp"),
+        ({"resources": {"generate": {"num_gpus": 0.7}}}, "two engines cannot share it"),
+        ({"resources": {"generate": {"num_gpus": 0.5}}}, "Try gpu_memory_utilization: 0.45"),
+        ({"media": {"chunk_seconds": 4, "chunk_overlap_seconds": 2}}, "under half"),
         ({"engine": {"max_model_lenn": 1}}, "Extra inputs are not permitted"),
     ],
 )  # fmt: skip
