@@ -11,15 +11,12 @@ Runs vLLM on whatever device this machine has (CPU here), with the project's tin
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.report import write_report
 
 
 def workload(batches: int, batch_size: int) -> list[list[tuple[str, int]]]:
@@ -94,20 +91,7 @@ def main(argv=None) -> None:
         "speedup": per_batch_s / loop_s,
         "engine_loop.max_in_flight": loop.stats.max_in_flight,
     }
-    result = {"benchmark": "engine", "host": platform.node(), "device": "cpu", "args": vars(args),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "figures": figures}  # fmt: skip
-    out = (
-        Path(args.out)
-        if args.out
-        else REPO / "bench" / "results" / f"engine-{platform.node() or 'host'}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    width = max(map(len, figures))
-    print(f"{'figure':<{width}}  value")
-    for k, v in figures.items():
-        print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    print(f"wrote {out}")
+    write_report("engine", figures, args.out, device="cpu", args=vars(args))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
-import socket
 import time
 from pathlib import Path
 
@@ -30,6 +28,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+
+from bench.report import write_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MEDIA = REPO / "jobs" / "sample_media"
@@ -164,27 +164,8 @@ def main(argv=None) -> None:
     figures.update(bench_cpu_stage(inputs, args.seconds))
     figures.update(bench_gpu_actor_media(inputs, args.seconds, args.engine_ms_per_row))
     figures.update(bench_peer(inputs, args.seconds))
-    result = {
-        "benchmark": "preprocess",
-        "host": socket.gethostname(),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": 1,
-        "engine_ms_per_row": args.engine_ms_per_row,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "figures": figures,
-    }
-    out = (
-        Path(args.out)
-        if args.out
-        else REPO / "bench" / "results" / f"preprocess-{platform.node() or 'host'}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    width = max(map(len, figures))
-    print(f"{'figure':<{width}}  value")
-    for k, v in figures.items():
-        print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    print(f"wrote {out}")
+    write_report("preprocess", figures, args.out, threads=1, engine_ms_per_row=args.engine_ms_per_row,
+                 cpu=platform.processor() or platform.machine())  # fmt: skip
 
 
 if __name__ == "__main__":
