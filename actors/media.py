@@ -229,10 +229,14 @@ def load_audio(
     return decode_audio(*load_bytes(item, source, "audio"), min_seconds, max_seconds)
 
 
+def downscale_size(image: DecodedImage, scale: float) -> tuple[int, int]:
+    return max(1, int(image.width * scale)), max(1, int(image.height * scale))
+
+
 def downscale(image: DecodedImage, scale: float) -> DecodedImage:
     from PIL import Image
 
-    width, height = max(1, int(image.width * scale)), max(1, int(image.height * scale))
+    width, height = downscale_size(image, scale)
     pil = Image.frombytes("RGB", (image.width, image.height), image.rgb).resize(
         (width, height), Image.BICUBIC
     )

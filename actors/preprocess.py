@@ -13,7 +13,16 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from actors.chunks import chunk_waveform
-from actors.media import DecodedImage, MediaSource, as_items, decode_image, downscale, load_audio, load_bytes
+from actors.media import (
+    DecodedImage,
+    MediaSource,
+    as_items,
+    decode_image,
+    downscale,
+    downscale_size,
+    load_audio,
+    load_bytes,
+)
 from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of
 from actors.tokens import num_audio_tokens, num_image_tokens
 from schemas.job import JobConfig
@@ -21,6 +30,10 @@ from schemas.model import PHI4MM
 from schemas.rows import PREPARED_SCHEMA, ErrorCode, RowError, Status, empty_prepared_row
 
 logger = logging.getLogger(__name__)
+
+
+def _sizes(images: list[DecodedImage]) -> list[tuple[int, int]]:
+    return [(im.width, im.height) for im in images]
 
 
 def _stop_list(value) -> list[str]:
@@ -79,25 +92,7 @@ class PreprocessRows:
         image_items = as_items(row.get(cols.image)) if cols.image else []
         audio_items = as_items(row.get(cols.audio)) if cols.audio else []
         user_text = row.get(cols.prompt) if cols.prompt else None
-        if user_text is not None and not isinstance(user_text, str):
-            raise RowError(
-                ErrorCode.INVALID_INPUT,
-                f"prompt column {cols.prompt!r} holds {type(user_text).__name__}, not text.",
-            )
-        if not image_items and not audio_items and not (user_text and user_text.strip()):
-            raise RowError(
-                ErrorCode.MISSING_INPUT,
-                "the row has no image, no audio and no prompt text: there is nothing to ask the model.",
-            )
-        for kind, items, limit in (("image", image_items, engine.max_images_per_row),
-                                   ("audio", audio_items, engine.max_audios_per_row)):  # fmt: skip
-            if len(items) > limit:
-                raise RowError(
-                    ErrorCode.TOO_MANY_MEDIA,
-                    f"the row has {len(items)} {kind} items; the engine accepts {limit} per row. "
-                    f"Try raising engine.max_{kind}s_per_row.",
-                )
-
+        self._check_row_shape(image_items, audio_items, user_text)
         images = [
             decode_image(*load_bytes(item, self.source, "image"), media_cfg.max_image_pixels)
             for item in image_items
@@ -125,11 +120,10 @@ class PreprocessRows:
             chunked = len(clips) > 1
         # A chunked row is one request per window: each window's prompt must fit on its own.
         requests = [[clip] for clip in clips] if chunked else [clips]
-        counts = [self._count(prompt, images, r) for r in requests]
+        counts = [self._count(prompt, _sizes(images), r) for r in requests]
         if max(counts) > budget and images and media_cfg.image_over_budget == "downscale":
-            images, note = self._downscale_to_fit(prompt, images, clips, budget)
-            counts = [self._count(prompt, images, clips)]
-            out["media_adjustments"] = note
+            images, out["media_adjustments"] = self._downscale_to_fit(prompt, images, clips, budget)
+            counts = [self._count(prompt, _sizes(images), clips)]
         if max(counts) > budget:
             what = "its longest window takes" if chunked else "the prompt takes"
             raise RowError(
@@ -152,32 +146,48 @@ class PreprocessRows:
             audio_seconds=sum(a.seconds for a in audios),
         )
 
-    def _count(self, prompt: str, images: list[DecodedImage], clips: list) -> int:
+    def _check_row_shape(self, image_items: list, audio_items: list, user_text) -> None:
+        """What can be told before decoding anything: the prompt's type, an empty row, too many items."""
+        engine = self.config.engine
+        if user_text is not None and not isinstance(user_text, str):
+            raise RowError(
+                ErrorCode.INVALID_INPUT,
+                f"prompt column {self.columns.prompt!r} holds {type(user_text).__name__}, not text.",
+            )
+        if not image_items and not audio_items and not (user_text and user_text.strip()):
+            raise RowError(
+                ErrorCode.MISSING_INPUT,
+                "the row has no image, no audio and no prompt text: there is nothing to ask the model.",
+            )
+        for kind, items, limit in (("image", image_items, engine.max_images_per_row),
+                                   ("audio", audio_items, engine.max_audios_per_row)):  # fmt: skip
+            if len(items) > limit:
+                raise RowError(
+                    ErrorCode.TOO_MANY_MEDIA,
+                    f"the row has {len(items)} {kind} items; the engine accepts {limit} per row. "
+                    f"Try raising engine.max_{kind}s_per_row.",
+                )
+
+    def _count(self, prompt: str, image_sizes: list[tuple[int, int]], clips: list) -> int:
         dynamic_hd = self.config.engine.dynamic_hd
         return self.counter.count(
             prompt,
-            [num_image_tokens(im.width, im.height, dynamic_hd) for im in images],
+            [num_image_tokens(w, h, dynamic_hd) for w, h in image_sizes],
             [num_audio_tokens(len(clip)) for clip in clips],
         )
 
     def _downscale_to_fit(self, prompt, images, clips, budget) -> tuple[list[DecodedImage], str | None]:
-        """Shrink every image by the same factor, in 10% steps, until the row fits; None if it never does."""
+        """Shrink every image by the same factor, in 10% steps, until the row fits. Only images wider or
+        taller than one 448 px crop can shrink their token count; the rest come back unchanged."""
         scale = 1.0
         while scale > 0.01:
             scale *= 0.9
-            sizes = [(max(1, int(im.width * scale)), max(1, int(im.height * scale))) for im in images]
-            dynamic_hd = self.config.engine.dynamic_hd
-            tokens = self.counter.count(
-                prompt,
-                [num_image_tokens(w, h, dynamic_hd) for w, h in sizes],
-                [num_audio_tokens(len(c)) for c in clips],
-            )
-            if tokens <= budget:
-                before = ", ".join(f"{im.width}x{im.height}" for im in images)
-                after = ", ".join(f"{w}x{h}" for w, h in sizes)
-                return [
-                    downscale(im, scale) for im in images
-                ], f"image downscaled {before} -> {after} to fit the token budget"
+            smaller = [downscale_size(im, scale) for im in images]
+            if self._count(prompt, smaller, clips) <= budget:
+                before = ", ".join(f"{w}x{h}" for w, h in _sizes(images))
+                after = ", ".join(f"{w}x{h}" for w, h in smaller)
+                note = f"image downscaled {before} -> {after} to fit the token budget"
+                return [downscale(im, scale) for im in images], note
         return images, None
 
     def _read_sampling(self, row: dict, out: dict) -> None:
