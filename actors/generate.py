@@ -1,7 +1,8 @@
 """The GPU stage: prepared rows -> output rows, through one vLLM engine per actor.
 
 ``GenerateRows`` is a plain callable class. Rows that arrive as errors pass through untouched; every
-other row gets the engine's answer or an ENGINE_ERROR, so each prepared row yields one output row.
+other row gets the engine's answer, an ENGINE_ERROR (the engine refused or failed that request), or
+ENGINE_CRASH_QUARANTINED (see ``actors.attempts``), so each prepared row yields one output row.
 """
 
 from __future__ import annotations
