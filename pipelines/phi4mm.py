@@ -39,6 +39,7 @@ def build_stages(config: JobConfig, run_id: str, ledger=None) -> list[StageSpec]
             num_cpus=pre.num_cpus,
             num_gpus=pre.num_gpus,
             concurrent_batches=pre.concurrent_batches,
+            max_restarts=pre.max_restarts,
         ),
         StageSpec(
             fn=GenerateRows,
@@ -49,6 +50,7 @@ def build_stages(config: JobConfig, run_id: str, ledger=None) -> list[StageSpec]
             num_gpus=gen.num_gpus,
             env=engine_env,
             concurrent_batches=gen.concurrent_batches,
+            max_restarts=gen.max_restarts,
         ),
     ]
 

@@ -24,6 +24,7 @@ class StageSpec(BaseModel):
         default_factory=dict, description="Environment variables of the stage's actors."
     )
     concurrent_batches: int = Field(1, ge=1, description="Calls one actor runs at once (in threads).")
+    max_restarts: int = Field(8, ge=0, description="Restarts of one actor before the job stops.")
 
 
 def apply(ds, stages: list[StageSpec]):
@@ -47,7 +48,8 @@ def apply(ds, stages: list[StageSpec]):
             num_cpus=stage.num_cpus,
             num_gpus=stage.num_gpus or None,
             udf_modifying_row_count=False,
-            # Ray Data restarts dead actors and retries their batches (max_restarts=-1 by default).
             runtime_env={"env_vars": dict(stage.env)} if stage.env else None,
+            # Bounded, unlike Ray Data's default (-1): an actor that can never start must end the job.
+            max_restarts=stage.max_restarts,
         )
     return ds

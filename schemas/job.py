@@ -212,6 +212,14 @@ class StageResources(_Strict):
     batch_size: int = Field(16, ge=1, description="Rows per batch handed to one actor call.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    max_restarts: int = Field(
+        8,
+        ge=0,
+        description=(
+            "Times Ray restarts one actor of this pool after it dies (its batches are retried). Past that the "
+            "job stops; committed output stays and output.mode: resume carries on from it."
+        ),
+    )
     concurrent_batches: int = Field(
         1,
         ge=1,

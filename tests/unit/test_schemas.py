@@ -102,3 +102,19 @@ def test_light_packages_import_no_heavy_modules():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(REPO), check=True
     )
     assert out.stdout.strip() == ""
+
+
+def test_stages_take_scheduling_from_the_config(tmp_path):
+    from pipelines.phi4mm import build_stages
+
+    cfg = JobConfig.model_validate(
+        {
+            **BASE,
+            "resources": {"generate": {"concurrency": [1, 3], "max_restarts": 2, "concurrent_batches": 3}},
+            "engine": {"env": {"A": "1"}},
+        }  # fmt: skip
+    )
+    pre, gen = build_stages(cfg, "run")
+    assert (gen.concurrency, gen.max_restarts, gen.concurrent_batches) == ((1, 3), 2, 3)
+    assert gen.env == {"A": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process engine with 'uni'
+    assert pre.max_restarts == 8 and pre.num_gpus == 0
