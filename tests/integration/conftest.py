@@ -15,8 +15,10 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():
+    """A local Ray for one test module; shut down after it so that no cluster outlives its module
+    (test_jobs_run.py starts clusters of its own)."""
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=2)

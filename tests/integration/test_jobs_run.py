@@ -36,6 +36,19 @@ def sample(tmp_path_factory):
     return write_sample_dataset(tmp_path_factory.mktemp("sample") / "sample.parquet")
 
 
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop only the cluster this test started: `ray stop` would kill every Ray on the machine, the
+    test session's own included. Its processes are the ones whose command line names its temp dir."""
+    import psutil
+
+    procs = [
+        p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or [])
+    ]
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     # `python` in a job's entrypoint must be this environment's, as it is on a cluster built from it
@@ -83,4 +96,4 @@ def test_ray_job_submit_against_a_running_cluster(tiny_model, sample, tmp_path):
         assert summary["rows_written"] == 4 and summary["audit"]["ok"]
         assert pq.read_table(out).num_rows == 4
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(short_tmp)
