@@ -2,6 +2,7 @@
 against a running cluster. Both run vLLM's unmodified, full-size SigLIP tower (no init_hook), so an
 image costs seconds here: the inputs stay few."""
 
+import contextlib
 import json
 import os
 import socket
@@ -36,16 +37,20 @@ def sample(tmp_path_factory):
     return write_sample_dataset(tmp_path_factory.mktemp("sample") / "sample.parquet")
 
 
-def _stop_cluster(temp_dir: str) -> None:
+def _stop_cluster(temp_dir: str, gcs_port: int) -> None:
     """Stop only the cluster this test started: `ray stop` would kill every Ray on the machine, the
-    test session's own included. Its processes are the ones whose command line names its temp dir."""
+    test session's own included. Its processes name its temp dir or its GCS address on their command
+    line; their children (agents, workers) go with them."""
     import psutil
 
-    procs = [
-        p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or [])
-    ]
+    def ours(args: list[str]) -> bool:
+        return any(temp_dir in a or (a.startswith("--address=") and a.endswith(f":{gcs_port}")) for a in args)
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if ours(p.info["cmdline"] or [])]
+    procs += [child for p in procs for child in p.children(recursive=True)]  # agents and workers
     for p in procs:
-        p.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     psutil.wait_procs(procs, timeout=30)
 
 
@@ -96,4 +101,4 @@ def test_ray_job_submit_against_a_running_cluster(tiny_model, sample, tmp_path):
         assert summary["rows_written"] == 4 and summary["audit"]["ok"]
         assert pq.read_table(out).num_rows == 4
     finally:
-        _stop_cluster(short_tmp)
+        _stop_cluster(short_tmp, port)
