@@ -6,6 +6,7 @@ defused, so a prompt cannot add, shift or steal media placeholders or close its 
 
 from __future__ import annotations
 
+import functools
 import re
 
 from schemas.job import PromptConfig
@@ -50,6 +51,10 @@ class PromptTokenCounter:
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
         self._tag_lengths: dict[str, int] = {}
+        # Many rows share a prompt (the per-modality defaults), and a chunked row counts one per window.
+        self._text_length = functools.lru_cache(maxsize=4096)(
+            lambda prompt: len(tokenizer.encode(prompt, add_special_tokens=True))
+        )
 
     def _tag_length(self, tag: str) -> int:
         if tag not in self._tag_lengths:
@@ -57,7 +62,7 @@ class PromptTokenCounter:
         return self._tag_lengths[tag]
 
     def count(self, prompt: str, image_tokens: list[int], audio_tokens: list[int]) -> int:
-        total = len(self._tokenizer.encode(prompt, add_special_tokens=True))
+        total = self._text_length(prompt)
         for i, n in enumerate(image_tokens):
             total += n - self._tag_length(PHI4MM.image_tag(i + 1))
         for i, n in enumerate(audio_tokens):

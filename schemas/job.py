@@ -307,7 +307,7 @@ class JobConfig(_Strict):
                 f"resources.generate.num_gpus {gen.num_gpus} leaves less than a GPU per engine but more than "
                 "half: two engines cannot share it. Try 1, or 0.5 with engine.gpu_memory_utilization <= 0.45."
             )
-        if gen.num_gpus and gen.num_gpus < 1 and self.engine.gpu_memory_utilization > gen.num_gpus:
+        if 0 < gen.num_gpus < 1 and self.engine.gpu_memory_utilization > gen.num_gpus:
             raise ValueError(
                 f"engines sharing a GPU (resources.generate.num_gpus {gen.num_gpus}) must each take at most that "
                 f"share of its memory; engine.gpu_memory_utilization is {self.engine.gpu_memory_utilization}. "
