@@ -198,7 +198,8 @@ def decode_audio(data: bytes, where: str, min_seconds: float, max_seconds: float
         raise RowError(
             ErrorCode.AUDIO_DECODE_ERROR, f"audio {where} could not be decoded: {type(e).__name__}: {e}"
         ) from e
-    return prepare_waveform(samples.mean(axis=1), rate, where, min_seconds)
+    mono = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1)  # no copy for mono files
+    return prepare_waveform(mono, rate, where, min_seconds)
 
 
 def load_audio(
