@@ -68,11 +68,14 @@ def merge_results(results: list[EngineResult]) -> EngineResult:
         finish_reason="length"
         if any(r.finish_reason == "length" for r in results)
         else results[-1].finish_reason,
+        queued_s=results[0].queued_s,
+        engine_s=max((r.engine_s or 0.0) for r in results),  # windows run side by side in the engine
     )
 
 
 class GenerateRows:
-    """Runs every ok row of a batch through the engine in one batched call."""
+    """Runs the ok rows of a batch through the engine: rows suspected of crashing it one at a time and
+    alone, the rest together; rows that crashed it twice are quarantined without running."""
 
     def __init__(
         self,

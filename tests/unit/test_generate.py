@@ -3,6 +3,7 @@ tests/integration (vLLM on the CPU)."""
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from actors.engine import EngineResult, engine_kwargs, lora_rank_of
 from actors.generate import GenerateRows
@@ -94,7 +95,12 @@ class WindowEngine:
             k = int(r.audios[0][0]) if r.audios else 0
             out.append(
                 EngineResult(
-                    text=f"w{k - 1} w{k}", prompt_tokens=10, completion_tokens=2, finish_reason="stop"
+                    text=f"w{k - 1} w{k}",
+                    prompt_tokens=10,
+                    completion_tokens=2,
+                    finish_reason="stop",
+                    queued_s=0.1 * k,
+                    engine_s=float(k),
                 )
             )
         return out
@@ -117,6 +123,7 @@ def test_chunked_rows_become_one_stitched_output_row(tiny_model, tmp_path):
     assert [r["id"] for r in out] == ["long", "short"]
     assert out[0]["text"] == "w0 w1 w2 w3" and out[0]["audio_chunks"] == 3
     assert (out[0]["prompt_tokens"], out[0]["completion_tokens"]) == (30, 6)
+    assert out[0]["queue_s"] == pytest.approx(0.1) and out[0]["engine_s"] == 3.0  # first queued, last done
     assert out[1]["text"] == "w0 w1" and out[1]["audio_chunks"] is None
 
 
