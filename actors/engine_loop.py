@@ -69,27 +69,33 @@ class EngineLoop:
         self._wake.set()
         return sub.future
 
-    def _admit(self) -> None:
+    def _next_admissible(self) -> Submission | None:
         with self._lock:
-            while self._waiting:
-                sub = self._waiting[0]
-                running_groups = {s.group for s in self._running.values()}
-                if self.exclusive_groups and running_groups and sub.group not in running_groups:
-                    break  # wait for the other group to drain; FIFO, so neither starves
-                if self._running and (sub.alone or any(s.alone for s in self._running.values())):
-                    break
-                self._waiting.popleft()
-                request_id = str(next(self._ids))
-                try:
-                    self.engine.add_request(request_id, sub.prompt, sub.params, lora_request=sub.lora_request)
-                except Exception as e:  # vLLM validates each request here: only this one fails
-                    self.stats.rejected += 1
-                    sub.future.set_exception(e)
-                    continue
-                sub.admitted = time.perf_counter()
-                self._running[request_id] = sub
-                self.stats.requests += 1
-            self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._running))
+            if not self._waiting:
+                return None
+            sub = self._waiting[0]
+            running_groups = {s.group for s in self._running.values()}
+            if self.exclusive_groups and running_groups and sub.group not in running_groups:
+                return None  # wait for the other group to drain; FIFO, so neither starves
+            if self._running and (sub.alone or any(s.alone for s in self._running.values())):
+                return None
+            return self._waiting.popleft()
+
+    def _admit(self) -> None:
+        # add_request runs the checkpoint's processor (seconds for an image on a CPU): outside the lock,
+        # so submitting threads never wait on it. Only this thread touches _running.
+        while (sub := self._next_admissible()) is not None:
+            request_id = str(next(self._ids))
+            try:
+                self.engine.add_request(request_id, sub.prompt, sub.params, lora_request=sub.lora_request)
+            except Exception as e:  # vLLM validates each request here: only this one fails
+                self.stats.rejected += 1
+                sub.future.set_exception(e)
+                continue
+            sub.admitted = time.perf_counter()
+            self._running[request_id] = sub
+            self.stats.requests += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._running))
 
     def _run(self) -> None:
         while True:
@@ -108,8 +114,7 @@ class EngineLoop:
             self.stats.busy_s += time.perf_counter() - started
             for out in outputs:
                 if out.finished:
-                    with self._lock:
-                        sub = self._running.pop(out.request_id, None)
+                    sub = self._running.pop(out.request_id, None)
                     if sub is not None:
                         sub.future.set_result(
                             (out, sub.admitted - sub.submitted, time.perf_counter() - sub.submitted)
