@@ -184,13 +184,7 @@ def decode_audio(data: bytes, where: str, min_seconds: float, max_seconds: float
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate = f.samplerate
-            duration = f.frames / rate if rate else 0.0
-            if duration > max_seconds:
-                raise RowError(
-                    ErrorCode.AUDIO_TOO_LONG,
-                    f"audio {where} lasts {duration:.1f} s, over media.max_audio_seconds ({max_seconds:g} s). "
-                    "Split it, or raise media.max_audio_seconds.",
-                )
+            _check_duration(f.frames / rate if rate else 0.0, where, max_seconds)
             samples = f.read(dtype="float32", always_2d=True)
     except RowError:
         raise
@@ -220,13 +214,10 @@ def load_audio(
             samples = np.asarray(item, dtype=np.float32)
         except (TypeError, ValueError) as e:
             raise RowError(ErrorCode.AUDIO_DECODE_ERROR, f"audio array is not numeric: {e}") from e
-        if len(samples) / int(sampling_rate) > max_seconds:
-            raise RowError(
-                ErrorCode.AUDIO_TOO_LONG,
-                f"audio array lasts {len(samples) / int(sampling_rate):.1f} s, over media.max_audio_seconds "
-                f"({max_seconds:g} s). Split it, or raise media.max_audio_seconds.",
-            )
-        return prepare_waveform(samples, int(sampling_rate), "array", min_seconds)
+        rate = int(sampling_rate)
+        _check_rate(rate, "array")  # before any division by it
+        _check_duration(len(samples) / rate, "array", max_seconds)
+        return prepare_waveform(samples, rate, "array", min_seconds)
     return decode_audio(*load_bytes(item, source, "audio"), min_seconds, max_seconds)
 
 
@@ -244,15 +235,28 @@ def downscale(image: DecodedImage, scale: float) -> DecodedImage:
     return DecodedImage(rgb=pil.tobytes(), width=width, height=height)
 
 
-def prepare_waveform(samples: np.ndarray, rate: int, where: str, min_seconds: float) -> DecodedAudio:
-    """Check the rate and length of a mono waveform and resample it to 16 kHz."""
-    target = PHI4MM.audio_sample_rate
+def _check_rate(rate: int, where: str) -> None:
     if rate < PHI4MM.min_audio_sample_rate:
         raise RowError(
             ErrorCode.AUDIO_SAMPLE_RATE_UNSUPPORTED,
             f"audio {where} is sampled at {rate} Hz; Phi-4-multimodal needs at least "
             f"{PHI4MM.min_audio_sample_rate} Hz. Re-record or re-export it at 16 kHz.",
         )
+
+
+def _check_duration(seconds: float, where: str, max_seconds: float) -> None:
+    if seconds > max_seconds:
+        raise RowError(
+            ErrorCode.AUDIO_TOO_LONG,
+            f"audio {where} lasts {seconds:.1f} s, over media.max_audio_seconds ({max_seconds:g} s). "
+            "Split it, try media.long_audio: chunk, or raise media.max_audio_seconds.",
+        )
+
+
+def prepare_waveform(samples: np.ndarray, rate: int, where: str, min_seconds: float) -> DecodedAudio:
+    """Check the rate and length of a mono waveform and resample it to 16 kHz."""
+    target = PHI4MM.audio_sample_rate
+    _check_rate(rate, where)
     if len(samples) / rate < min_seconds:
         raise RowError(
             ErrorCode.AUDIO_TOO_SHORT,

@@ -123,3 +123,16 @@ def test_audio_error_codes():
     assert _code(decode_audio, _wav(tone, 16000), "long", 0.025, 0.5) == ErrorCode.AUDIO_TOO_LONG
     assert _code(decode_audio, b"RIFF" + b"\x00" * 40, "junk", 0.025, 600) == ErrorCode.AUDIO_DECODE_ERROR
     assert _code(decode_audio, b"", "empty", 0.025, 600) == ErrorCode.AUDIO_DECODE_ERROR
+
+
+def test_audio_arrays_with_bad_rates_or_lengths():
+    from actors.media import load_audio
+
+    src, wave = MediaSource(), [0.1] * 16000
+    for rate in (0, -5, 4000):
+        assert _code(load_audio, wave, src, rate, 0.025, 600) == ErrorCode.AUDIO_SAMPLE_RATE_UNSUPPORTED
+    assert _code(load_audio, wave, src, 16000, 0.025, 0.5) == ErrorCode.AUDIO_TOO_LONG
+    assert (
+        _code(load_audio, {"array": wave, "sampling_rate": None}, src, None, 0.025, 600)
+        == ErrorCode.INVALID_INPUT
+    )
