@@ -93,16 +93,33 @@ def load_bytes(item, source: MediaSource, kind: str) -> tuple[bytes, str]:
     )
 
 
+def _scheme(path: str) -> str:
+    return path.split("://", 1)[0].lower() if "://" in path else ""
+
+
+def default_media_root(input_path: str) -> str:
+    """Where relative media paths start when input.media_root is unset: the input's directory, as
+    Hugging Face datasets resolves them."""
+    if _scheme(input_path):
+        return (
+            input_path
+            if input_path.endswith("/") or not input_path.endswith(".parquet")
+            else input_path.rsplit("/", 1)[0]
+        )
+    return input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
+
+
 def _read_path(path: str, source: MediaSource, kind: str) -> bytes:
-    scheme = path.split("://", 1)[0].lower() if "://" in path else ""
+    if not _scheme(path) and not os.path.isabs(path) and source.media_root:
+        root = source.media_root
+        path = f"{root.rstrip('/')}/{path}" if _scheme(root) else os.path.join(root, path)
+    scheme = _scheme(path)
     if scheme in ("http", "https") and not source.allow_http:
         raise RowError(
             ErrorCode.MEDIA_NOT_FOUND,
             f"{kind} path {path!r} is an http(s) URL and fetching over HTTP is off. "
             "Try setting input.allow_http: true, or store the bytes in the column.",
         )
-    if not scheme and not os.path.isabs(path) and source.media_root:
-        path = os.path.join(source.media_root, path)
     try:
         if scheme:
             import fsspec

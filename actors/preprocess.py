@@ -18,6 +18,7 @@ from actors.media import (
     MediaSource,
     as_items,
     decode_image,
+    default_media_root,
     downscale,
     downscale_size,
     load_audio,
@@ -55,7 +56,10 @@ class PreprocessRows:
     def __init__(self, config: JobConfig, tokenizer_factory: Callable[[JobConfig], object] = load_tokenizer):
         self.config = config
         self.columns = config.input.columns
-        self.source = MediaSource(media_root=config.input.media_root, allow_http=config.input.allow_http)
+        self.source = MediaSource(
+            media_root=config.input.media_root or default_media_root(config.input.path),
+            allow_http=config.input.allow_http,
+        )
         self.counter = PromptTokenCounter(tokenizer_factory(config))
 
     def __call__(self, batch: pa.Table) -> pa.Table:

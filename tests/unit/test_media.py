@@ -136,3 +136,16 @@ def test_audio_arrays_with_bad_rates_or_lengths():
         _code(load_audio, {"array": wave, "sampling_rate": None}, src, None, 0.025, 600)
         == ErrorCode.INVALID_INPUT
     )
+
+
+def test_relative_paths_start_at_the_input_directory_or_a_url_root(tmp_path):
+    from actors.media import default_media_root
+
+    assert default_media_root(str(MEDIA / "data.parquet")) == str(MEDIA)
+    assert default_media_root(str(MEDIA)) == str(MEDIA)
+    assert default_media_root("s3://bucket/data/part-0.parquet") == "s3://bucket/data"
+    assert default_media_root("s3://bucket/data/") == "s3://bucket/data/"
+    url_root = MediaSource(media_root=f"file://{MEDIA}/")
+    assert load_bytes("cat.jpg", url_root, "image")[0] == (MEDIA / "cat.jpg").read_bytes()
+    http_root = MediaSource(media_root="https://example.com/media")
+    assert _code(load_bytes, "cat.jpg", http_root, "image") == ErrorCode.MEDIA_NOT_FOUND  # http stays off
