@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from actors.engine_loop import EngineLoop
+from actors.features import MASK_SIDE
+from actors.vllm_plugin import PREPARED_ARCHITECTURE, register
 from schemas.job import JobConfig
 from schemas.model import PHI4MM, Adapter
 
@@ -24,8 +27,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EngineRequest:
     prompt: str
-    images: list = field(default_factory=list)  # PIL images
-    audios: list[np.ndarray] = field(default_factory=list)  # float32 mono at 16 kHz
+    images: list[dict] = field(default_factory=list)  # schemas.rows.PREPARED_IMAGE values
+    audios: list[dict] = field(default_factory=list)  # schemas.rows.PREPARED_AUDIO values
     adapter: Adapter | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -82,6 +85,9 @@ def engine_kwargs(config: JobConfig) -> dict:
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
         distributed_executor_backend=engine.executor,
+        # the CPU stage's prepared media (actors.vllm_phi4mm); dict inputs count as embeddings for vLLM
+        hf_overrides={"architectures": [PREPARED_ARCHITECTURE]},
+        enable_mm_embeds=True,
         limit_mm_per_prompt={"image": engine.max_images_per_row, "audio": engine.max_audios_per_row},
         mm_processor_kwargs={"dynamic_hd": engine.dynamic_hd},
     )
@@ -92,6 +98,45 @@ def engine_kwargs(config: JobConfig) -> dict:
             enable_lora=True, max_loras=2, max_lora_rank=model.max_lora_rank or lora_rank_of(model.path)
         )
     return kwargs
+
+
+def _tensor(data: bytes, dtype: str, shape: tuple[int, ...]):
+    import torch
+
+    with warnings.catch_warnings():  # a read-only view of the Arrow bytes: the model never writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(shape))
+
+
+def image_inputs(images: list[dict]) -> dict:
+    """Prepared images -> the dict ``actors.vllm_phi4mm`` takes as the image items of one request."""
+    import torch
+
+    return {
+        "image_canvas": [_tensor(im["canvas"], "u1", (im["height"], im["width"], 3)) for im in images],
+        "image_attention_mask": [_tensor(im["mask"], "u1", (-1, MASK_SIDE, MASK_SIDE)) for im in images],
+        "image_sizes": [torch.tensor([im["height"], im["width"]]) for im in images],
+        "num_img_tokens": [im["tokens"] for im in images],
+    }
+
+
+def engine_prompt(request: EngineRequest) -> dict:
+    """The vLLM prompt of one request: text, the prepared media as tensors, their cache keys."""
+    prompt: dict = {"prompt": request.prompt}
+    mm, uuids = {}, {}
+    if request.images:
+        mm["image"] = image_inputs(request.images)
+        uuids["image"] = [im["uuid"] for im in request.images]
+    if request.audios:
+        mm["audio"] = {
+            "input_audio_embeds": [_tensor(a["features"], "<f4", (a["frames"], -1)) for a in request.audios]
+        }
+        uuids["audio"] = [a["uuid"] for a in request.audios]
+    if mm:
+        # the uuids spare the engine hashing megabytes of pixels per request and let it reuse an
+        # image's encoder output across rows
+        prompt.update(multi_modal_data=mm, multi_modal_uuids=uuids)
+    return prompt
 
 
 class Phi4MMEngine:
@@ -105,6 +150,7 @@ class Phi4MMEngine:
 
         self.config = config
         started = time.perf_counter()
+        register()
         self.llm = LLM(**engine_kwargs(config))
         self.lora_requests = {}
         if config.model.use_lora:
@@ -143,18 +189,6 @@ class Phi4MMEngine:
             ignore_eos=s.ignore_eos,
         )
 
-    def _prompt(self, request: EngineRequest) -> dict:
-        prompt: dict = {"prompt": request.prompt}
-        mm = {}
-        if request.images:
-            mm["image"] = request.images if len(request.images) > 1 else request.images[0]
-        if request.audios:
-            clips = [(a, PHI4MM.audio_sample_rate) for a in request.audios]
-            mm["audio"] = clips if len(clips) > 1 else clips[0]
-        if mm:
-            prompt["multi_modal_data"] = mm
-        return prompt
-
     def generate(self, requests: list[EngineRequest]) -> list[EngineResult]:
         futures = []
         for r in requests:
@@ -165,7 +199,7 @@ class Phi4MMEngine:
                 continue
             lora = self.lora_requests.get(r.adapter) if r.adapter else None
             group = "base" if lora is None else "lora"
-            futures.append(self.loop.submit(self._prompt(r), params, lora, group=group, alone=r.alone))
+            futures.append(self.loop.submit(engine_prompt(r), params, lora, group=group, alone=r.alone))
         return [self._result(f) for f in futures]
 
     @staticmethod

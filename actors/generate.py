@@ -35,12 +35,10 @@ def run_init_hook(spec: str | None) -> None:
 
 def to_engine_requests(row: dict, alone: bool = False) -> list[EngineRequest]:
     """A prepared row's requests: one, or one per window of a chunked audio clip."""
-    from PIL import Image
-
     request = EngineRequest(
         prompt=row["prompt"],
-        images=[Image.frombytes("RGB", (im["width"], im["height"]), im["rgb"]) for im in row["images"] or []],
-        audios=[np.frombuffer(a, dtype="<f4") for a in row["audios"] or []],
+        images=row["images"] or [],
+        audios=row["audios"] or [],
         adapter=row["adapter"],
         max_tokens=row["max_tokens"],
         temperature=row["temperature"],

@@ -12,6 +12,7 @@ Accepted cell forms for an image or audio column (one item, or a list of items f
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -32,9 +33,21 @@ class MediaSource:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    rgb: bytes  # (height, width, 3) uint8, row-major
-    width: int
-    height: int
+    image: object  # PIL.Image.Image in mode RGB (kept as PIL: the canvas resize works on it directly)
+    digest: str = ""  # blake2b of the encoded bytes it came from: the engine's cache key for this image
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    @property
+    def rgb(self) -> bytes:
+        """(height, width, 3) uint8, row-major."""
+        return self.image.tobytes()
 
 
 @dataclass(frozen=True)
@@ -171,7 +184,7 @@ def decode_image(data: bytes, where: str, max_pixels: int) -> DecodedImage:
         raise RowError(
             ErrorCode.IMAGE_DECODE_ERROR, f"image {where} has no pixels ({img.width}x{img.height})."
         )
-    return DecodedImage(rgb=img.tobytes(), width=img.width, height=img.height)
+    return DecodedImage(image=img, digest=hashlib.blake2b(data, digest_size=16).hexdigest())
 
 
 def _to_rgb(img):
@@ -245,11 +258,7 @@ def downscale_size(image: DecodedImage, scale: float) -> tuple[int, int]:
 def downscale(image: DecodedImage, scale: float) -> DecodedImage:
     from PIL import Image
 
-    width, height = downscale_size(image, scale)
-    pil = Image.frombytes("RGB", (image.width, image.height), image.rgb).resize(
-        (width, height), Image.BICUBIC
-    )
-    return DecodedImage(rgb=pil.tobytes(), width=width, height=height)
+    return DecodedImage(image.image.resize(downscale_size(image, scale), Image.BICUBIC), image.digest)
 
 
 def _check_rate(rate: int, where: str) -> None:

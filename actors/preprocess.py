@@ -1,4 +1,5 @@
-"""The CPU stage: input rows -> prepared rows (decoded media, prompt, exact token count) or error rows.
+"""The CPU stage: input rows -> prepared rows (the model's media inputs, prompt, exact token count) or
+error rows. Media leave this stage as what the model consumes (``actors.features``), not as files.
 
 ``PreprocessRows`` is a plain callable class: ``PreprocessRows(config)(pyarrow_table) -> pyarrow_table``.
 It never raises for a bad row and returns exactly one prepared row per input row, in order.
@@ -6,6 +7,7 @@ It never raises for a bad row and returns exactly one prepared row per input row
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from actors.chunks import chunk_waveform
+from actors.features import image_canvas, log_mel
 from actors.media import (
     DecodedImage,
     MediaSource,
@@ -48,6 +51,16 @@ def load_tokenizer(config: JobConfig):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+
+
+def _prepared_audio(clip) -> dict:
+    features = log_mel(clip).astype("<f4", copy=False)
+    data = features.tobytes()
+    return {
+        "features": data,
+        "frames": len(features),
+        "uuid": hashlib.blake2b(data, digest_size=16).hexdigest(),
+    }
 
 
 class PreprocessRows:
@@ -140,8 +153,8 @@ class PreprocessRows:
         adapter = PHI4MM.adapter_for(len(images), len(audios)) if self.config.model.use_lora else None
         out.update(
             prompt=prompt,
-            images=[{"rgb": im.rgb, "width": im.width, "height": im.height} for im in images],
-            audios=[clip.astype("<f4").tobytes() for clip in clips],
+            images=[self._prepared_image(im, n) for n, im in enumerate(images, start=1)],
+            audios=[_prepared_audio(clip) for clip in clips],
             audio_chunks=len(clips) if chunked else None,
             adapter=adapter,
             prompt_tokens=sum(counts),
@@ -149,6 +162,20 @@ class PreprocessRows:
             num_audios=len(audios),
             audio_seconds=sum(a.seconds for a in audios),
         )
+
+    def _prepared_image(self, image: DecodedImage, n: int) -> dict:
+        dynamic_hd = self.config.engine.dynamic_hd
+        canvas = image_canvas(image.image, dynamic_hd, f"#{n}")
+        height, width = canvas.pixels.shape[:2]
+        return {
+            "canvas": canvas.pixels.tobytes(),
+            "width": width,
+            "height": height,
+            "mask": canvas.mask.tobytes(),
+            "tokens": canvas.num_tokens,
+            # the same encoded bytes at the same size and dynamic_hd always give the same canvas
+            "uuid": f"{image.digest}-{image.width}x{image.height}-hd{dynamic_hd}",
+        }
 
     def _check_row_shape(self, image_items: list, audio_items: list, user_text) -> None:
         """What can be told before decoding anything: the prompt's type, an empty row, too many items."""

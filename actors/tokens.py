@@ -70,6 +70,10 @@ def num_audio_frames(num_samples_16k: int) -> int:
 
 def num_audio_tokens(num_samples_16k: int) -> int:
     """Tokens one ``<|audio_n|>`` placeholder expands to for a clip of this many 16 kHz samples."""
-    frames = num_audio_frames(num_samples_16k)
+    return audio_tokens_for_frames(num_audio_frames(num_samples_16k))
+
+
+def audio_tokens_for_frames(frames: int) -> int:
+    """Tokens the audio encoder emits for this many log-mel frames."""
     tokens = math.ceil(frames / PHI4MM.audio_compression_rate)
     return math.ceil(tokens / PHI4MM.audio_qformer_compression_rate)

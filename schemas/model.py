@@ -51,6 +51,12 @@ class Phi4MMFacts(BaseModel):
     default_dynamic_hd: int = Field(
         36, description="Max HD crops per image in the original processor config."
     )
+    min_resized_side: int = Field(
+        10,
+        description="The original processor refuses an image whose side, fitted to its crop grid, is shorter.",
+    )
+    pixel_mean: float = Field(0.5, description="Per-channel mean the [0, 1] pixels are normalized with.")
+    pixel_std: float = Field(0.5, description="Per-channel std the [0, 1] pixels are normalized with.")
 
     # Audio: 16 kHz log-mel, 10 ms hop, 25 ms window, encoder compresses 8x.
     audio_sample_rate: int = Field(
@@ -59,6 +65,11 @@ class Phi4MMFacts(BaseModel):
     min_audio_sample_rate: int = Field(8000, description="Lowest source rate accepted (8 kHz is upsampled).")
     audio_window: int = Field(400, description="STFT window in samples at 16 kHz (25 ms).")
     audio_hop: int = Field(160, description="STFT hop in samples at 16 kHz (10 ms).")
+    audio_n_fft: int = Field(512, description="FFT size of the log-mel features (the window is zero-padded).")
+    audio_mel_bins: int = Field(80, description="Log-mel channels per frame.")
+    audio_mel_max_hz: float = Field(7690.0, description="Upper edge of the mel filterbank (Kaldi mel scale).")
+    audio_preemphasis: float = Field(0.97, description="Pre-emphasis coefficient, applied within each frame.")
+    audio_pcm_scale: float = Field(32768.0, description="Float samples are scaled to 16-bit PCM range.")
     audio_compression_rate: int = Field(8, description="Encoder frames per audio token.")
     audio_qformer_compression_rate: int = Field(1, description="Further compression after the encoder.")
 

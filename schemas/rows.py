@@ -26,6 +26,7 @@ class ErrorCode(str, Enum):
     MEDIA_NOT_FOUND = "MEDIA_NOT_FOUND"
     IMAGE_DECODE_ERROR = "IMAGE_DECODE_ERROR"
     IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
+    IMAGE_ASPECT_RATIO_UNSUPPORTED = "IMAGE_ASPECT_RATIO_UNSUPPORTED"
     AUDIO_DECODE_ERROR = "AUDIO_DECODE_ERROR"
     AUDIO_SAMPLE_RATE_UNSUPPORTED = "AUDIO_SAMPLE_RATE_UNSUPPORTED"
     AUDIO_TOO_SHORT = "AUDIO_TOO_SHORT"
@@ -50,8 +51,21 @@ class RowError(Exception):
 # Media as Hugging Face datasets stores it (datasets.Image / datasets.Audio).
 MEDIA_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
-# One decoded image handed from the CPU stage to the GPU stage: raw RGB uint8, row-major (h, w, 3).
-DECODED_IMAGE = pa.struct([("rgb", pa.large_binary()), ("width", pa.int32()), ("height", pa.int32())])
+# One image as the CPU stage hands it to the GPU stage (see actors.features): the picture resized into its
+# grid of 448 px crops and padded, uint8 (height, width, 3) row-major; the crops' 32x32 patch masks, uint8
+# (1 + crops, 32, 32); the placeholder tokens it takes; the engine's cache key for it.
+PREPARED_IMAGE = pa.struct(
+    [
+        ("canvas", pa.large_binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mask", pa.binary()),
+        ("tokens", pa.int32()),
+        ("uuid", pa.string()),
+    ]
+)
+# One audio clip (or window): log-mel features, float32 little-endian (frames, 80), and its cache key.
+PREPARED_AUDIO = pa.struct([("features", pa.large_binary()), ("frames", pa.int32()), ("uuid", pa.string())])
 
 # Per-row sampling overrides; null means "use the job's default".
 SAMPLING_FIELDS: list[pa.Field] = [
@@ -74,9 +88,8 @@ PREPARED_SCHEMA = pa.schema(
     STATUS_FIELDS
     + [
         pa.field("prompt", pa.string()),
-        pa.field("images", pa.list_(DECODED_IMAGE)),
-        # float32 mono PCM at 16 kHz, little-endian bytes, one entry per audio clip
-        pa.field("audios", pa.list_(pa.large_binary())),
+        pa.field("images", pa.list_(PREPARED_IMAGE)),
+        pa.field("audios", pa.list_(PREPARED_AUDIO)),
         pa.field("adapter", pa.string()),
         pa.field("prompt_tokens", pa.int32()),
         pa.field("num_images", pa.int16()),

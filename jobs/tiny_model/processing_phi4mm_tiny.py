@@ -1,7 +1,9 @@
 """HF-style processor of phi4mm-batch's tiny Phi-4-multimodal checkpoint (remote code, copied into it).
 
 Written from what vLLM's Phi4MMForCausalLM / Phi4MMMultiModalProcessor expect
-(vllm/model_executor/models/phi4mm.py, vLLM 0.32); not Microsoft's file.
+(vllm/model_executor/models/phi4mm.py, vLLM 0.32); not Microsoft's file, but the same arithmetic as its
+processor (bilinear resize, white padding, bicubic global view; pre-emphasised log-mel on a Kaldi
+filterbank), so the engine's own media processing can be compared with phi4mm-batch's CPU stage.
 
 vLLM needs:
   processor.image_processor.dynamic_hd               (max number of 448x448 HD crops)
@@ -92,9 +94,9 @@ class Phi4MMTinyImageProcessor:
 
     @staticmethod
     def _normalize(pil):
-        a = np.asarray(pil, dtype=np.float32) / 255.0
-        a = (a - 0.5) / 0.5
-        return torch.from_numpy(a.transpose(2, 0, 1).copy())
+        # torchvision's ToTensor + Normalize((0.5,) * 3, (0.5,) * 3), in the same order of operations
+        t = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div(255)
+        return t.sub(0.5).div(0.5)
 
     def __call__(self, images, dynamic_hd=None, **kwargs):
         from PIL import Image
@@ -110,19 +112,23 @@ class Phi4MMTinyImageProcessor:
                 nw, nh = tw, int(h * rw)
             else:
                 nw, nh = int(w * rh), th
+            if min(nw, nh) < 10:
+                raise ValueError(f"the aspect ratio is very extreme {(nw, nh)}")
+            # the original: torchvision resize of the PIL image (bilinear), white padding right/bottom
             canvas = Image.new("RGB", (tw, th), (255, 255, 255))
-            canvas.paste(pil.resize((max(nw, 1), max(nh, 1)), Image.BICUBIC), (0, 0))
+            canvas.paste(pil.resize((nw, nh), Image.BILINEAR), (0, 0))
             pad_h, pad_w = th - nh, tw - nw
-            # valid-patch mask at patch resolution (same rule as vLLM's token count)
             fw, fh = tw // VIT_PATCH, th // VIT_PATCH
-            vw = fw - (pad_w // VIT_PATCH if pad_w >= VIT_PATCH else 0)
-            vh = fh - (pad_h // VIT_PATCH if pad_h >= VIT_PATCH else 0)
-            full_mask = torch.zeros(fh, fw, dtype=torch.long)
-            full_mask[:vh, :vw] = 1
+            full_mask = torch.ones(fh, fw, dtype=torch.long)
+            if pad_w >= VIT_PATCH:
+                full_mask[:, fw - pad_w // VIT_PATCH :] = 0
+            if pad_h >= VIT_PATCH:
+                full_mask[fh - pad_h // VIT_PATCH :, :] = 0
             nh_c, nw_c = th // VIT_SIZE, tw // VIT_SIZE
-            crops = [self._normalize(canvas.resize((VIT_SIZE, VIT_SIZE), Image.BICUBIC))]
-            masks = [torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.long)]
             t = self._normalize(canvas)
+            # global view: bicubic interpolation of the normalized canvas, no antialiasing
+            crops = [torch.nn.functional.interpolate(t[None], size=(VIT_SIZE, VIT_SIZE), mode="bicubic")[0]]
+            masks = [torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.long)]
             for i in range(nh_c):
                 for j in range(nw_c):
                     crops.append(t[:, i * VIT_SIZE : (i + 1) * VIT_SIZE, j * VIT_SIZE : (j + 1) * VIT_SIZE])
@@ -145,44 +151,36 @@ class Phi4MMTinyImageProcessor:
         }
 
 
-def _mel_filters(sr=16000, n_fft=N_FFT, n_mels=N_MELS):
-    def hz2mel(f):
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    def mel2hz(m):
-        return 700.0 * (10 ** (m / 2595.0) - 1.0)
-
-    mels = np.linspace(hz2mel(0), hz2mel(sr / 2), n_mels + 2)
-    bins = np.floor((n_fft + 1) * mel2hz(mels) / sr).astype(int)
-    fb = np.zeros((n_mels, n_fft // 2 + 1), dtype=np.float32)
-    for m in range(1, n_mels + 1):
-        left, c, r = bins[m - 1], bins[m], bins[m + 1]
-        for k in range(left, c):
-            fb[m - 1, k] = (k - left) / max(c - left, 1)
-        for k in range(c, r):
-            fb[m - 1, k] = (r - k) / max(r - c, 1)
-    return fb
-
-
 class Phi4MMTinyAudioProcessor:
+    """Log-mel features as the original Phi4MMAudioFeatureExtractor computes them (float64 numpy)."""
+
     model_input_names = ["input_audio_embeds", "audio_embed_sizes"]
 
     def __init__(self, sampling_rate=16000, compression_rate=8, **kwargs):
+        from transformers.audio_utils import mel_filter_bank
+
         self.sampling_rate = int(sampling_rate)
         self.compression_rate = int(compression_rate)
         self.feature_size = N_MELS
-        self._fb = _mel_filters(self.sampling_rate)
-        self._win = np.hamming(WIN).astype(np.float32)
+        self._fb = mel_filter_bank(
+            num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=N_MELS, min_frequency=0.0, max_frequency=7690.0,
+            sampling_rate=self.sampling_rate, triangularize_in_mel_space=True, mel_scale="kaldi",
+        )  # fmt: skip
+        self._win = np.hamming(WIN)
 
     def extract(self, wav):
         wav = np.asarray(wav, dtype=np.float32).reshape(-1)
         n = (len(wav) - WIN) // HOP + 1
         if n < 1:
             raise ValueError("audio too short")
-        idx = np.arange(WIN)[None, :] + HOP * np.arange(n)[:, None]
-        frames = wav[idx] * self._win
-        spec = np.abs(np.fft.rfft(frames, n=N_FFT)) ** 2
-        return np.log(np.clip(spec @ self._fb.T, 1e-10, None)).astype(np.float32)  # (n, 80)
+        frames = np.array([wav[s : s + WIN] for s in range(0, HOP * n, HOP)], dtype=np.float32)
+        prev = np.roll(frames, 1, axis=1)
+        prev[:, 0] = prev[:, 1]
+        frames = (frames - 0.97 * prev) * 32768
+        spec = np.abs(np.fft.rfft(self._win * frames, n=N_FFT, axis=1).astype(np.complex64)).astype(
+            np.float32
+        )
+        return np.log(np.clip((spec**2).dot(self._fb), 1.0, None)).astype(np.float32)  # (n, 80)
 
     def __call__(self, audios, **kwargs):
         feats = []

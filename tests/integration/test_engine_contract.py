@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from actors.engine import EngineRequest
+from actors.engine import EngineRequest, engine_prompt
 from actors.generate import GenerateRows
 from actors.preprocess import PreprocessRows
 from schemas.rows import MEDIA_STRUCT
@@ -166,3 +166,88 @@ def test_concurrent_batches_share_the_engine(generate):
     assert engine.loop.stats.requests - before == 8
     assert engine.loop.stats.max_in_flight >= 8
     assert [r.text for r in results[0]] == [r.text for r in results[1]]  # greedy: same prompts, same texts
+
+
+def _run_capturing_embeddings(engine, prompt: dict) -> tuple[list[int], list]:
+    """Run one request; return its prompt token ids and what the model made of its media: the vision
+    tower's image embeddings, and the log-mel features the audio tower was given (forward hooks; the
+    engine runs in this process). The audio tower's output is no use here: with dummy weights it
+    collapses every input to the same embeddings."""
+    from vllm import SamplingParams
+
+    captured, handles = [], []
+
+    def vision_hook(module, args, output):
+        captured.extend(o.detach().float().cpu().clone() for o in output)
+
+    def audio_hook(module, args):
+        captured.append(args[0].detach().float().cpu().clone())
+
+    def install(model):
+        handles.append(model.vision_encoder.register_forward_hook(vision_hook))
+        handles.append(model.embed_tokens_extend.register_forward_pre_hook(audio_hook))
+
+    engine.llm.apply_model(install)
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        out, _, _ = engine.loop.submit(prompt, params, group="base").result(timeout=300)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(out.prompt_token_ids), captured
+
+
+def test_prepared_media_reach_the_model_as_its_own_processing_would(config, generate):
+    """The CPU stage's canvases and log-mel features against vLLM running the checkpoint's processor on the
+    raw media (a PIL image, a 16 kHz waveform): the same prompt tokens and the same embeddings out of the
+    vision and audio towers."""
+    import soundfile as sf
+
+    from actors.generate import to_engine_requests
+    from actors.media import decode_image
+
+    engine = generate.engine
+    photo = decode_image((MEDIA / "coffee.jpg").read_bytes(), "coffee", 10**8).image.resize((700, 300))
+    buf = io.BytesIO()
+    photo.save(buf, format="PNG")  # lossless, so the CPU stage decodes exactly these pixels
+    speech, _ = sf.read(MEDIA / "fox.wav", dtype="float32")
+    rows = [
+        {"id": "img", "image": {"bytes": buf.getvalue(), "path": None}, "audio": None, "prompt": "what is this?"},
+        {"id": "aud", "image": None, "audio": {"bytes": (MEDIA / "fox.wav").read_bytes(), "path": None},
+         "prompt": "transcribe"},
+    ]  # fmt: skip
+    schema = pa.schema(
+        [("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())]
+    )
+    img_row, aud_row = PreprocessRows(config)(pa.Table.from_pylist(rows, schema=schema)).to_pylist()
+    (img_req,), (aud_req,) = to_engine_requests(img_row), to_engine_requests(aud_row)
+
+    raw_ids, raw = _run_capturing_embeddings(
+        engine, {"prompt": img_row["prompt"], "multi_modal_data": {"image": photo}}
+    )
+    ids, ours = _run_capturing_embeddings(engine, engine_prompt(img_req))
+    assert ids == raw_ids and len(ids) == img_row["prompt_tokens"]
+    assert len(ours) == len(raw) == 1 and torch_equal(ours[0], raw[0])  # bit-identical pixels in, same out
+    _, flipped = _run_capturing_embeddings(
+        engine,
+        {"prompt": img_row["prompt"], "multi_modal_data": {"image": photo.transpose(Image.FLIP_LEFT_RIGHT)}},
+    )
+    assert not torch_equal(flipped[0], raw[0])  # the comparison can fail: other pixels, other embeddings
+
+    raw_ids, raw = _run_capturing_embeddings(
+        engine, {"prompt": aud_row["prompt"], "multi_modal_data": {"audio": (speech, 16000)}}
+    )
+    ids, ours = _run_capturing_embeddings(engine, engine_prompt(aud_req))
+    assert ids == raw_ids and len(ids) == aud_row["prompt_tokens"]
+    assert len(ours) == len(raw) == 1 and ours[0].shape == raw[0].shape
+    assert float((ours[0] - raw[0]).abs().max()) < 2e-3  # log-mel, float32 against float64: close
+    _, reversed_ = _run_capturing_embeddings(
+        engine, {"prompt": aud_row["prompt"], "multi_modal_data": {"audio": (speech[::-1].copy(), 16000)}}
+    )
+    assert float((reversed_[0] - raw[0]).abs().max()) > 1.0
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))

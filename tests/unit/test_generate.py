@@ -29,6 +29,12 @@ class EchoEngine:
         ]  # fmt: skip
 
 
+def _audio(frames: int, value: float = 0.0) -> dict:
+    """A prepared audio entry (log-mel features) as the CPU stage writes it."""
+    features = np.full((frames, 80), value, "<f4")
+    return {"features": features.tobytes(), "frames": frames, "uuid": f"a{value}-{frames}"}
+
+
 def _prepared(row_id, prompt, status="ok", **extra):
     row = empty_prepared_row(row_id) | {"prompt": prompt, "status": status} | extra
     return row
@@ -37,7 +43,7 @@ def _prepared(row_id, prompt, status="ok", **extra):
 def test_error_rows_pass_through_and_engine_errors_are_isolated(tiny_model, tmp_path):
     cfg = make_config(tiny_model, tmp_path)
     stage = GenerateRows(cfg, run_id="r1", engine_factory=EchoEngine)
-    audio = np.zeros(1600, "<f4").tobytes()
+    audio = _audio(98)
     rows = [
         _prepared("a", "<|user|>hi<|end|><|assistant|>"),
         _prepared("b", None, status="error", error_code="IMAGE_DECODE_ERROR", error_message="bad"),
@@ -56,7 +62,7 @@ def test_error_rows_pass_through_and_engine_errors_are_isolated(tiny_model, tmp_
     assert got[0]["text"].startswith("len=") and got[0]["run_id"] == "r1"
     (batch,) = stage.engine.calls  # one batched call with the three ok rows
     assert len(batch) == 3
-    assert batch[2].adapter == "speech" and batch[2].max_tokens == 5 and batch[2].audios[0].shape == (1600,)
+    assert batch[2].adapter == "speech" and batch[2].max_tokens == 5 and batch[2].audios[0]["frames"] == 98
 
 
 def test_engine_kwargs_from_config(tiny_model, tmp_path):
@@ -92,7 +98,7 @@ class WindowEngine:
     def generate(self, requests):
         out = []
         for r in requests:
-            k = int(r.audios[0][0]) if r.audios else 0
+            k = int(np.frombuffer(r.audios[0]["features"], "<f4")[0]) if r.audios else 0
             out.append(
                 EngineResult(
                     text=f"w{k - 1} w{k}",
@@ -108,7 +114,7 @@ class WindowEngine:
 
 def test_chunked_rows_become_one_stitched_output_row(tiny_model, tmp_path):
     stage = GenerateRows(make_config(tiny_model, tmp_path), run_id="r", engine_factory=WindowEngine)
-    windows = [np.full(1600, k, "<f4").tobytes() for k in (1, 2, 3)]
+    windows = [_audio(8, k) for k in (1, 2, 3)]
     rows = [
         _prepared(
             "long",

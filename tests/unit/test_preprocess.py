@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from actors.preprocess import PreprocessRows
-from actors.tokens import num_audio_tokens, num_image_tokens
+from actors.tokens import num_audio_frames, num_audio_tokens, num_image_tokens
 from jobs.make_sample_data import SCHEMA, sample_rows
 from schemas.rows import MEDIA_STRUCT, PREPARED_SCHEMA
 from tests.helpers import MEDIA, make_config
@@ -45,10 +45,17 @@ def test_prompt_tokens_add_up(prepare, tiny_tokenizer):
     cat = out["image-cat"]
     im = cat["images"][0]
     text_tokens = len(tiny_tokenizer.encode(cat["prompt"])) - 1  # minus the <|image_1|> tag itself
-    assert cat["prompt_tokens"] == text_tokens + num_image_tokens(im["width"], im["height"], 1)
+    assert im["tokens"] == num_image_tokens(320, 213, 1)  # cat.jpg, one 448 px crop at dynamic_hd 1
+    assert cat["prompt_tokens"] == text_tokens + im["tokens"]
+    assert (im["width"], im["height"], len(im["canvas"]), len(im["mask"])) == (
+        448,
+        448,
+        448 * 448 * 3,
+        2 * 32 * 32,
+    )
     fox = out["audio-fox-wav"]
-    samples = np.frombuffer(fox["audios"][0], "<f4")
-    assert len(samples) == 55015
+    (audio,) = fox["audios"]
+    assert audio["frames"] == num_audio_frames(55015) and len(audio["features"]) == audio["frames"] * 80 * 4
     assert fox["prompt_tokens"] == len(tiny_tokenizer.encode(fox["prompt"])) - 1 + num_audio_tokens(55015)
 
 
@@ -115,7 +122,7 @@ def test_audio_as_float_array_with_a_rate_column(prepare):
     table = pa.Table.from_pylist(rows, schema=schema)
     out = prepare(table).to_pylist()
     assert [r["error_code"] for r in out] == [None, "MISSING_INPUT", "INVALID_INPUT"]
-    assert out[0]["adapter"] == "speech" and len(np.frombuffer(out[0]["audios"][0], "<f4")) == 16000
+    assert out[0]["adapter"] == "speech" and out[0]["audios"][0]["frames"] == num_audio_frames(16000)
     # the decoded form Hugging Face datasets writes: struct<array, sampling_rate>
     decoded = pa.Table.from_pylist(
         [{"id": "d", "audio": {"array": wave, "sampling_rate": rate}}],
@@ -138,11 +145,11 @@ def test_long_audio_is_chunked_into_windows(tiny_model, tmp_path, tiny_tokenizer
         pa.Table.from_pylist([{"id": "long", "audio": wave, "sampling_rate": 16000}], schema=schema)
     )
     (row,) = out.to_pylist()
-    windows = [len(np.frombuffer(a, "<f4")) for a in row["audios"]]
+    windows = [a["frames"] for a in row["audios"]]
     assert row["audio_chunks"] == len(windows) == 3  # 0-4 s, 3-7 s, 6-10 s
-    assert windows == [64000, 64000, 64000]
+    assert windows == [num_audio_frames(64000)] * 3
     text = len(tiny_tokenizer.encode(row["prompt"])) - 1
-    assert row["prompt_tokens"] == sum(text + num_audio_tokens(n) for n in windows)
+    assert row["prompt_tokens"] == 3 * (text + num_audio_tokens(64000))
 
 
 def test_image_over_budget_policy(tiny_model, tmp_path):
@@ -161,6 +168,8 @@ def test_image_over_budget_policy(tiny_model, tmp_path):
     assert fitted["status"] == "ok" and fitted["prompt_tokens"] + 8 <= 1200
     assert fitted["media_adjustments"].startswith("image downscaled 1792x896 -> ")
     im = fitted["images"][0]
-    assert im["width"] < 1792 and len(im["rgb"]) == im["width"] * im["height"] * 3
+    w, h = (int(v) for v in fitted["media_adjustments"].split(" -> ")[1].split(" ")[0].split("x"))
+    assert w < 1792 and im["tokens"] == num_image_tokens(w, h, 16) < 2353
+    assert len(im["canvas"]) == im["width"] * im["height"] * 3 and im["width"] * im["height"] < 1792 * 896
     text = len(PreprocessRows(cfg).counter._tokenizer.encode(fitted["prompt"])) - 1
-    assert fitted["prompt_tokens"] == text + num_image_tokens(im["width"], im["height"], 16)
+    assert fitted["prompt_tokens"] == text + im["tokens"]

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from actors.preprocess import PreprocessRows
+from actors.tokens import num_audio_frames
 from schemas.rows import MEDIA_STRUCT, ErrorCode
 from tests.helpers import MEDIA, make_config
 
@@ -96,7 +97,7 @@ def test_real_formats_decode(stage):
     gif = next(r for r in out if r["id"] == "image-gif-animated")
     assert gif["num_images"] == 1
     stereo = next(r for r in out if r["id"] == "audio-wav-stereo-48k")
-    assert len(np.frombuffer(stereo["audios"][0], "<f4")) == 8000  # 0.5 s at 16 kHz, one channel
+    assert stereo["audios"][0]["frames"] == num_audio_frames(8000)  # 0.5 s at 16 kHz, one channel
 
 
 def test_broken_files_become_error_rows_with_stable_codes(stage):

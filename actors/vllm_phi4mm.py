@@ -1,0 +1,116 @@
+"""vLLM's Phi4MM, taught to take the CPU stage's prepared media (``actors.features``).
+
+vLLM 0.32's Phi4MM accepts raw images and waveforms only, so the checkpoint's processor (resize, pad,
+crops, log-mel) would run in the GPU actor's process for every request, taking most of its CPU time. This
+subclass adds a second input form per modality, a dict of tensors (vLLM's ``DictEmbeddingItems``):
+
+    image: {"image_canvas": [(H, W, 3) uint8], "image_attention_mask": [(1+crops, 32, 32) uint8],
+            "image_sizes": [(2,) int64 = (H, W)], "num_img_tokens": [int]}
+    audio: {"input_audio_embeds": [(frames, 80) float32]}
+
+The audio dict is already what the model consumes. The image canvas is finished on the model's device by
+``crops_from_canvas``: the original processor's ToTensor/Normalize, 448 px tiling and bicubic global view.
+Raw media still work (dummy inputs for profiling use them). Imports vLLM and torch: load it only in the
+GPU actor, through ``actors.vllm_plugin.register``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+from vllm.model_executor.models import phi4mm
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import DictEmbeddingItems, MultiModalDataParser
+
+from actors.features import crops_from_canvas
+from schemas.model import PHI4MM
+
+IMAGE_FIELDS = ("image_canvas", "image_attention_mask", "image_sizes", "num_img_tokens")
+AUDIO_FIELDS = ("input_audio_embeds",)
+
+
+def _image_field_config(data: Mapping[str, object]) -> dict[str, MultiModalFieldConfig]:
+    return dict(
+        image_canvas=MultiModalFieldConfig.batched("image"),
+        image_attention_mask=MultiModalFieldConfig.batched("image"),
+        image_sizes=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+        num_img_tokens=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+    )
+
+
+def _audio_field_config(data: Mapping[str, object]) -> dict[str, MultiModalFieldConfig]:
+    return dict(input_audio_embeds=MultiModalFieldConfig.batched("audio"))
+
+
+class PreparedDataParser(MultiModalDataParser):
+    """Parses a dict of prepared tensors as one modality's items; anything else as vLLM does."""
+
+    def _parse_image_data(self, data):
+        if isinstance(data, dict) and "image_canvas" in data:
+            return DictEmbeddingItems(data, "image", set(IMAGE_FIELDS), _image_field_config)
+        return super()._parse_image_data(data)
+
+    def _parse_audio_data(self, data):
+        if isinstance(data, dict) and "input_audio_embeds" in data:
+            return DictEmbeddingItems(data, "audio", set(AUDIO_FIELDS), _audio_field_config)
+        return super()._parse_audio_data(data)
+
+
+class PreparedProcessingInfo(phi4mm.Phi4MMProcessingInfo):
+    def get_data_parser(self):
+        return PreparedDataParser(
+            target_sr=self.get_feature_extractor().sampling_rate,
+            audio_resample_method="scipy",
+            expected_hidden_size=self._get_expected_hidden_size(),
+        )
+
+
+class PreparedMultiModalProcessor(phi4mm.Phi4MMMultiModalProcessor):
+    def _get_mm_fields_config(self, hf_inputs, hf_kwargs):
+        return {**super()._get_mm_fields_config(hf_inputs, hf_kwargs), **_image_field_config(hf_inputs)}
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence:
+        updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+        images, audios = mm_items.get("image"), mm_items.get("audio")
+
+        def image_replacement(i: int) -> list[int]:
+            return [PHI4MM.image_token_id] * int(images.get(i)["num_img_tokens"])
+
+        def audio_replacement(i: int) -> list[int]:
+            frames = int(audios.get(i)["input_audio_embeds"].shape[0])
+            return [PHI4MM.audio_token_id] * self.info._compute_audio_embed_size(frames)
+
+        for n, update in enumerate(updates):
+            if update.modality == "image" and isinstance(images, DictEmbeddingItems):
+                updates[n] = dataclasses.replace(update, replacement=image_replacement)
+            elif update.modality == "audio" and isinstance(audios, DictEmbeddingItems):
+                updates[n] = dataclasses.replace(update, replacement=audio_replacement)
+        return updates
+
+
+def _items(value) -> list[torch.Tensor]:
+    """A batched field arrives stacked (equal shapes) or as a list (ragged)."""
+    return list(value.unbind(0)) if isinstance(value, torch.Tensor) else list(value)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PreparedMultiModalProcessor, info=PreparedProcessingInfo, dummy_inputs=phi4mm.Phi4MMDummyInputsBuilder
+)
+class Phi4MMPreparedForCausalLM(phi4mm.Phi4MMForCausalLM):
+    """Phi4MMForCausalLM that also takes prepared image canvases and log-mel features."""
+
+    def _parse_and_validate_multimodal_inputs(self, **kwargs: object):
+        if "image_canvas" not in kwargs:
+            return super()._parse_and_validate_multimodal_inputs(**kwargs)
+        finished: dict[str, object] = {}
+        for key, value in kwargs.items():  # keep the key order: it decides images-before-audio
+            if key == "image_canvas":
+                finished["input_image_embeds"] = [crops_from_canvas(c) for c in _items(value)]
+            elif key == "image_attention_mask":
+                finished[key] = [m.to(torch.long) for m in _items(value)]
+            else:
+                finished[key] = value
+        return super()._parse_and_validate_multimodal_inputs(**finished)

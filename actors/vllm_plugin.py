@@ -1,0 +1,17 @@
+"""vLLM general plugin: registers ``Phi4MMPreparedForCausalLM`` (``actors.vllm_phi4mm``) with vLLM.
+
+vLLM calls ``register`` in every process it starts (entry point ``vllm.general_plugins`` in
+pyproject.toml), which multi-process executors need; ``Phi4MMEngine`` also calls it before building its
+engine, so it works where the project is not installed. Registration is lazy: nothing heavy is imported.
+"""
+
+from __future__ import annotations
+
+PREPARED_ARCHITECTURE = "Phi4MMPreparedForCausalLM"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    if PREPARED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(PREPARED_ARCHITECTURE, f"actors.vllm_phi4mm:{PREPARED_ARCHITECTURE}")
