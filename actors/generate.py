@@ -33,6 +33,40 @@ def run_init_hook(spec: str | None) -> None:
     getattr(importlib.import_module(module), func)()
 
 
+# the large binary field of each media struct (schemas.rows.PREPARED_IMAGE / PREPARED_AUDIO)
+MEDIA_BLOBS = {"images": "canvas", "audios": "features"}
+
+
+def prepared_rows(batch: pa.Table) -> list[dict]:
+    """``batch.to_pylist()``, except that the media blobs (megabytes per image) stay in Arrow's memory:
+    each is a zero-copy ``pyarrow.Buffer`` slice that the engine views as a tensor. Copying them out
+    (``to_pylist``, or even a binary scalar) costs the GPU actor ~4 ms of CPU per 1080p image at
+    dynamic_hd 16."""
+    rows = batch.drop_columns(list(MEDIA_BLOBS)).to_pylist()
+    for column, blob in MEDIA_BLOBS.items():
+        per_row = [items for chunk in batch.column(column).chunks for items in _media_chunk(chunk, blob)]
+        for row, items in zip(rows, per_row, strict=True):
+            row[column] = items
+    return rows
+
+
+def _media_chunk(chunk: pa.ListArray, blob: str) -> list[list[dict] | None]:
+    items = chunk.flatten()  # the rows' structs, one after another (slicing applied)
+    names = [f.name for f in items.type]
+    fields = dict(zip(names, items.flatten(), strict=True))
+    blobs = fields.pop(blob)
+    small = pa.StructArray.from_arrays(list(fields.values()), names=list(fields)).to_pylist()
+    offsets = np.frombuffer(blobs.buffers()[1], dtype=np.int64)[blobs.offset : blobs.offset + len(blobs) + 1]
+    data = blobs.buffers()[2]
+    for j, item in enumerate(small):
+        item[blob] = data.slice(int(offsets[j]), int(offsets[j + 1] - offsets[j]))
+    out, k = [], 0
+    for n, valid in zip(chunk.value_lengths().to_pylist(), chunk.is_valid().to_pylist(), strict=True):
+        out.append(small[k : k + n] if valid else None)
+        k += n or 0
+    return out
+
+
 def to_engine_requests(row: dict, alone: bool = False) -> list[EngineRequest]:
     """A prepared row's requests: one, or one per window of a chunked audio clip."""
     request = EngineRequest(
@@ -90,7 +124,7 @@ class GenerateRows:
         self.engine = (engine_factory or Phi4MMEngine)(config)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        prepared = batch.to_pylist()
+        prepared = prepared_rows(batch)
         rows = [output_row_from_prepared(p, self.config.model_name, self.run_id) for p in prepared]
         todo = [i for i, p in enumerate(prepared) if p["status"] == Status.OK.value]
         attempts = self.ledger.attempts([prepared[i]["id"] for i in todo])

@@ -53,7 +53,23 @@ def load_tokenizer(config: JobConfig):
     return AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
 
 
-def _prepared_audio(clip) -> dict:
+def prepared_image(image: DecodedImage, dynamic_hd: int, where: str = "") -> dict:
+    """A decoded image -> its ``PREPARED_IMAGE`` value (see ``actors.features``)."""
+    canvas = image_canvas(image.image, dynamic_hd, where)
+    height, width = canvas.pixels.shape[:2]
+    return {
+        "canvas": canvas.pixels.tobytes(),
+        "width": width,
+        "height": height,
+        "mask": canvas.mask.tobytes(),
+        "tokens": canvas.num_tokens,
+        # the same encoded bytes at the same size and dynamic_hd always give the same canvas
+        "uuid": f"{image.digest}-{image.width}x{image.height}-hd{dynamic_hd}",
+    }
+
+
+def prepared_audio(clip) -> dict:
+    """A 16 kHz clip -> its ``PREPARED_AUDIO`` value: log-mel features and their content hash."""
     features = log_mel(clip).astype("<f4", copy=False)
     data = features.tobytes()
     return {
@@ -153,8 +169,8 @@ class PreprocessRows:
         adapter = PHI4MM.adapter_for(len(images), len(audios)) if self.config.model.use_lora else None
         out.update(
             prompt=prompt,
-            images=[self._prepared_image(im, n) for n, im in enumerate(images, start=1)],
-            audios=[_prepared_audio(clip) for clip in clips],
+            images=[prepared_image(im, engine.dynamic_hd, f"#{n}") for n, im in enumerate(images, start=1)],
+            audios=[prepared_audio(clip) for clip in clips],
             audio_chunks=len(clips) if chunked else None,
             adapter=adapter,
             prompt_tokens=sum(counts),
@@ -162,20 +178,6 @@ class PreprocessRows:
             num_audios=len(audios),
             audio_seconds=sum(a.seconds for a in audios),
         )
-
-    def _prepared_image(self, image: DecodedImage, n: int) -> dict:
-        dynamic_hd = self.config.engine.dynamic_hd
-        canvas = image_canvas(image.image, dynamic_hd, f"#{n}")
-        height, width = canvas.pixels.shape[:2]
-        return {
-            "canvas": canvas.pixels.tobytes(),
-            "width": width,
-            "height": height,
-            "mask": canvas.mask.tobytes(),
-            "tokens": canvas.num_tokens,
-            # the same encoded bytes at the same size and dynamic_hd always give the same canvas
-            "uuid": f"{image.digest}-{image.width}x{image.height}-hd{dynamic_hd}",
-        }
 
     def _check_row_shape(self, image_items: list, audio_items: list, user_text) -> None:
         """What can be told before decoding anything: the prompt's type, an empty row, too many items."""

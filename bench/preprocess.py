@@ -3,16 +3,17 @@
     python -m bench.preprocess [--seconds S] [--engine] [--out PATH]
 
 Inputs: a 1920x1080 JPEG (a real photo, upscaled), a 30 s 48 kHz FLAC and a 10 s MP3 (real speech).
-Figures:
-- cpu_stage.*: phi4mm-batch's CPU actors. ``image_canvas_dhd{4,16}``: the model's image input from a decoded
-  picture (resize into the crop grid + pad, masks, token count), as crops/s and images/s; ``image_row_*``:
-  the same from the JPEG's bytes (decode, EXIF, RGB included). ``audio_features_30s``: log-mel features of
-  a 16 kHz clip; ``audio_row_*``: decode + mono + resample to 16 kHz + features, from the file's bytes.
-- gpu_actor.*: media work left in the GPU actor's process per row: turning a prepared row into the
-  engine's tensors (zero-copy views), and finishing the canvas into normalized crops + global view
-  (``actors.features.crops_from_canvas``; on a GPU this runs on the device, and its CPU time is what the
-  process spends launching it). ``cpu_share_of_row`` weighs the CPU time against --engine-ms-per-row.
-  With --engine (vLLM installed): the CPU time of vLLM's own input processing per request
+Figures (throughput ones from interleaved rounds, the median of 5; see ``rates``):
+- cpu_stage.*: phi4mm-batch's CPU actors. ``image_canvas_dhd{4,16}``: the model's image input from a
+  decoded picture (resize into the crop grid + pad, masks, token count), as crops/s and images/s;
+  ``image_row_*``: the same from the JPEG's bytes, as the CPU stage hands it on (decode, EXIF, RGB,
+  bytes, cache key). ``audio_features_30s``: log-mel features of a 16 kHz clip; ``audio_row_*``: decode
+  + mono + resample to 16 kHz + features + cache key, from the file's bytes.
+- gpu_actor.*: media work left in the GPU actor's process per row: turning a prepared Arrow batch into
+  the engine's prompts and tensors (zero-copy views), and finishing the canvas into normalized crops and
+  the global view (``actors.features.crops_from_canvas``; on a GPU it runs on the device, and its CPU
+  time is the launching). ``cpu_share_of_row`` weighs the CPU time against --engine-ms-per-row. With
+  --engine (vLLM installed): the CPU time of vLLM's own input processing per request
   (``LLMEngine.add_request``), prepared inputs against raw media, on the tiny checkpoint.
 - peer.*: transformers' Phi4Multimodal image processor (needs torchvision) and feature extractor on the
   same decoded inputs, and per row from the same bytes (same decoder as ours); parity.*: how far our
@@ -62,14 +63,22 @@ def make_inputs() -> dict[str, bytes]:
     return {"jpeg_1080p": jpeg.getvalue(), "flac_30s_48k": flac.getvalue(), "mp3_10s": mp3.getvalue()}
 
 
-def rate(fn, seconds: float) -> float:
-    """Calls per second of fn over at least `seconds` (after one warm-up call)."""
-    fn()
-    n, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds or n < 3:
-        fn()
-        n += 1
-    return n / elapsed
+def rates(workloads: dict, seconds: float, rounds: int = 5) -> dict[str, float]:
+    """Calls per second of each workload. The workloads take turns, ``rounds`` times, and each figure is
+    the median over its rounds: load that drifts on a shared host hits ours and the peer's alike."""
+    import statistics
+
+    samples: dict[str, list[float]] = {name: [] for name in workloads}
+    for fn in workloads.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in workloads.items():
+            n, started = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - started) < seconds / rounds or n < 2:
+                fn()
+                n += 1
+            samples[name].append(n / elapsed)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def cpu_ms(fn, seconds: float) -> float:
@@ -88,49 +97,122 @@ def _audio_seconds(data: bytes) -> float:
     return decode_audio(data, "bench", 0.025, 3600).seconds
 
 
-def bench_cpu_stage(inputs, seconds) -> dict:
+def cpu_stage_workloads(inputs) -> dict[str, tuple]:
+    """name -> (call, units per call, unit) for the CPU stage's throughput figures."""
     from actors.features import image_canvas, log_mel
     from actors.media import decode_audio, decode_image
+    from actors.preprocess import prepared_audio, prepared_image
 
-    out = {}
     jpeg = inputs["jpeg_1080p"]
     picture = decode_image(jpeg, "bench", NO_LIMIT).image
+    out = {}
     for hd in HD:
         crops = image_canvas(picture, hd).crops
-        per_s = rate(lambda hd=hd: image_canvas(picture, hd), seconds)
-        out[f"cpu_stage.image_canvas_dhd{hd}.crops_per_s"] = per_s * crops
-        out[f"cpu_stage.image_canvas_dhd{hd}.images_per_s"] = per_s
-        per_s = rate(lambda hd=hd: image_canvas(decode_image(jpeg, "bench", NO_LIMIT).image, hd), seconds)
-        out[f"cpu_stage.image_row_jpeg_1080p_dhd{hd}.crops_per_s"] = per_s * crops
-        out[f"cpu_stage.image_row_jpeg_1080p_dhd{hd}.images_per_s"] = per_s
+        out[f"cpu_stage.image_canvas_dhd{hd}"] = (lambda hd=hd: image_canvas(picture, hd), crops, "crops")
+        out[f"cpu_stage.image_row_jpeg_1080p_dhd{hd}"] = (
+            lambda hd=hd: prepared_image(decode_image(jpeg, "bench", NO_LIMIT), hd), crops, "crops")  # fmt: skip
     wave30 = decode_audio(inputs["flac_30s_48k"], "bench", 0.025, 3600).samples
-    out["cpu_stage.audio_features_30s.audio_s_per_s"] = rate(lambda: log_mel(wave30), seconds) * 30
+    out["cpu_stage.audio_features_30s"] = (lambda: log_mel(wave30), 30.0, "audio_s")
     for name in ("flac_30s_48k", "mp3_10s"):
-        data, secs = inputs[name], _audio_seconds(inputs[name])
-        per_s = rate(lambda data=data: log_mel(decode_audio(data, "bench", 0.025, 3600).samples), seconds)
-        out[f"cpu_stage.audio_row_{name}.audio_s_per_s"] = per_s * secs
+        data = inputs[name]
+        out[f"cpu_stage.audio_row_{name}"] = (
+            lambda data=data: prepared_audio(decode_audio(data, "bench", 0.025, 3600).samples),
+            _audio_seconds(data), "audio_s")  # fmt: skip
     return out
+
+
+def peer_workloads(inputs) -> tuple[dict[str, tuple], dict]:
+    """transformers' Phi4Multimodal processors on the same inputs (same decoder for rows), and parity
+    figures: how far our model inputs are from theirs."""
+    workloads, parity = {}, {}
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        return {}, {"peer.error": "torch is not installed"}
+    from actors.features import crops_from_canvas, image_canvas, log_mel
+    from actors.media import decode_audio, decode_image
+
+    jpeg = inputs["jpeg_1080p"]
+    try:
+        from transformers import Phi4MultimodalImageProcessorFast
+
+        picture = decode_image(jpeg, "bench", NO_LIMIT).image
+        for hd in HD:
+            ip = Phi4MultimodalImageProcessorFast(dynamic_hd=hd)
+            ref = ip(picture, return_tensors="pt")["image_pixel_values"][0]
+            workloads[f"peer.transformers_image_processor_dhd{hd}"] = (
+                lambda ip=ip: ip(picture, return_tensors="pt"), ref.shape[0], "crops")  # fmt: skip
+            workloads[f"peer.transformers_image_row_jpeg_1080p_dhd{hd}"] = (
+                lambda ip=ip: ip(decode_image(jpeg, "bench", NO_LIMIT).image, return_tensors="pt"),
+                ref.shape[0], "crops")  # fmt: skip
+            ours = crops_from_canvas(torch.from_numpy(image_canvas(picture, hd).pixels))
+            # transformers resizes a tensor (torchvision, antialiased bilinear), the original a PIL image
+            # (PIL bilinear): a little apart on [-1, 1] pixels
+            parity[f"parity.image_dhd{hd}.mean_abs_diff_vs_transformers"] = float((ours - ref).abs().mean())
+            parity[f"parity.image_dhd{hd}.max_abs_diff_vs_transformers"] = float((ours - ref).abs().max())
+    except Exception as e:  # torchvision missing (CPU torch here), or an API change
+        parity["peer.image_processor_error"] = f"{type(e).__name__}: {e}"[:300]
+    try:
+        from transformers import Phi4MultimodalFeatureExtractor
+
+        fe = Phi4MultimodalFeatureExtractor()
+        wave30 = decode_audio(inputs["flac_30s_48k"], "bench", 0.025, 3600).samples
+        workloads["peer.transformers_feature_extractor_30s"] = (
+            lambda: fe(wave30, sampling_rate=16000, return_tensors="pt"), 30.0, "audio_s")  # fmt: skip
+        for name in ("flac_30s_48k", "mp3_10s"):
+            data = inputs[name]
+            workloads[f"peer.transformers_audio_row_{name}"] = (
+                lambda data=data: fe(decode_audio(data, "bench", 0.025, 3600).samples, sampling_rate=16000,
+                                     return_tensors="pt"), _audio_seconds(data), "audio_s")  # fmt: skip
+        ref = fe(wave30, sampling_rate=16000, return_tensors="np")["audio_input_features"][0]
+        parity["parity.audio_30s.max_abs_diff_vs_transformers"] = float(np.abs(log_mel(wave30) - ref).max())
+    except Exception as e:
+        parity["peer.feature_extractor_error"] = f"{type(e).__name__}: {e}"[:300]
+    return workloads, parity
+
+
+def throughput(inputs, seconds) -> dict:
+    workloads = cpu_stage_workloads(inputs)
+    peer, parity = peer_workloads(inputs)
+    workloads |= peer
+    per_s = rates({name: fn for name, (fn, _, _) in workloads.items()}, seconds)
+    out = {}
+    for name, (_, units, unit) in workloads.items():
+        out[f"{name}.{unit}_per_s"] = per_s[name] * units
+        if unit == "crops":
+            out[f"{name}.images_per_s"] = per_s[name]
+    return out | parity
 
 
 def bench_gpu_actor(inputs, seconds, engine_ms_per_row: float) -> dict:
     """Media CPU time per row in the GPU actor's process, outside vLLM."""
+    import pyarrow as pa
     import torch
 
-    from actors.engine import EngineRequest, engine_prompt, image_inputs
+    from actors.engine import engine_prompt
     from actors.features import crops_from_canvas, image_canvas
-    from actors.media import decode_image
-    from actors.preprocess import _prepared_audio
+    from actors.generate import prepared_rows, to_engine_requests
+    from actors.media import decode_audio, decode_image
+    from actors.preprocess import prepared_audio, prepared_image
+    from schemas.rows import PREPARED_SCHEMA, empty_prepared_row
+
+    def arrow_to_requests_ms(rows: list[dict]) -> float:
+        """CPU ms per row from a prepared Arrow batch (8 rows) to the engine's prompts with tensors."""
+        batch = pa.Table.from_pylist(rows * 8, schema=PREPARED_SCHEMA)
+        build = lambda: [engine_prompt(r) for row in prepared_rows(batch) for r in to_engine_requests(row)]  # noqa: E731
+        return cpu_ms(build, seconds) / batch.num_rows
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {"gpu_actor.device": device}
-    picture = decode_image(inputs["jpeg_1080p"], "bench", NO_LIMIT).image
+    decoded = decode_image(inputs["jpeg_1080p"], "bench", NO_LIMIT)
+    picture = decoded.image
     for hd in HD:
         canvas = image_canvas(picture, hd)
-        prepared = {"canvas": canvas.pixels.tobytes(), "width": canvas.pixels.shape[1],
-                    "height": canvas.pixels.shape[0], "mask": canvas.mask.tobytes(),
-                    "tokens": canvas.num_tokens, "uuid": "bench"}  # fmt: skip
-        request = EngineRequest(prompt="<|user|><|image_1|>x<|end|><|assistant|>", images=[prepared])
-        build = cpu_ms(lambda r=request: engine_prompt(r), seconds)
+        row = empty_prepared_row("r") | {"prompt": "<|user|><|image_1|>x<|end|><|assistant|>",
+                                          "images": [prepared_image(decoded, hd)]}  # fmt: skip
+        build = arrow_to_requests_ms([row])
         on_device = torch.from_numpy(canvas.pixels).to(device)
 
         def finish(c=on_device):
@@ -144,18 +226,16 @@ def bench_gpu_actor(inputs, seconds, engine_ms_per_row: float) -> dict:
         out[f"gpu_actor.image_dhd{hd}.request_build_cpu_ms"] = build
         out[f"gpu_actor.image_dhd{hd}.canvas_finish_cpu_ms"] = finish_ms
         out[f"gpu_actor.image_dhd{hd}.cpu_share_of_row"] = media_ms / (media_ms + engine_ms_per_row)
-        assert image_inputs([prepared])["image_canvas"][0].shape == canvas.pixels.shape
-    from actors.media import decode_audio
-
     wave = decode_audio(inputs["flac_30s_48k"], "bench", 0.025, 3600).samples
-    request = EngineRequest(prompt="<|user|><|audio_1|>x<|end|><|assistant|>", audios=[_prepared_audio(wave)])
-    build = cpu_ms(lambda: engine_prompt(request), seconds)
+    row = empty_prepared_row("r") | {"prompt": "<|user|><|audio_1|>x<|end|><|assistant|>",
+                                      "audios": [prepared_audio(wave)]}  # fmt: skip
+    build = arrow_to_requests_ms([row])
     out["gpu_actor.audio_30s.request_build_cpu_ms"] = build
     out["gpu_actor.audio_30s.cpu_share_of_row"] = build / (build + engine_ms_per_row)
     return out
 
 
-def bench_vllm_input_processing(inputs, seconds) -> dict:
+def bench_vllm_input_processing(inputs, seconds, engine_ms_per_row: float) -> dict:
     """CPU ms of LLMEngine.add_request per request: prepared inputs vs raw media (the checkpoint processor
     inside vLLM), on the tiny checkpoint, dynamic_hd 16."""
     import tempfile
@@ -191,74 +271,31 @@ def bench_vllm_input_processing(inputs, seconds) -> dict:
     llm_engine = engine.llm.llm_engine
     counter = iter(range(10**9))
 
-    def add(prompt):
-        request_id = f"bench-{next(counter)}"
-        llm_engine.add_request(request_id, prompt, params)
-        llm_engine.abort_request([request_id])
+    def add_ms(make_prompt) -> float:
+        """CPU ms of add_request, each call with an empty media cache (rows rarely repeat media)."""
+        total, n, started = 0.0, 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or n < 3:
+            llm_engine.reset_mm_cache()
+            prompt, request_id = make_prompt(), f"bench-{next(counter)}"
+            cpu = time.process_time()
+            llm_engine.add_request(request_id, prompt, params)
+            total += time.process_time() - cpu
+            llm_engine.abort_request([request_id])
+            n += 1
+        return total * 1000 / n
 
     out = {}
     for name, row, raw in (("image_dhd16", img_row, {"image": raw_image}),
                            ("audio_30s", aud_row, {"audio": (raw_audio, 16000)})):  # fmt: skip
         (request,) = to_engine_requests(row)
-        out[f"gpu_actor.vllm_input_processing_{name}.prepared_cpu_ms"] = cpu_ms(
-            lambda r=request: add(engine_prompt(r)), seconds
+        prepared_ms = add_ms(lambda r=request: engine_prompt(r))
+        out[f"gpu_actor.vllm_input_processing_{name}.prepared_cpu_ms"] = prepared_ms
+        out[f"gpu_actor.vllm_input_processing_{name}.raw_media_cpu_ms"] = add_ms(
+            lambda p=row["prompt"], mm=raw: {"prompt": p, "multi_modal_data": mm}
         )
-        out[f"gpu_actor.vllm_input_processing_{name}.raw_media_cpu_ms"] = cpu_ms(
-            lambda p=row["prompt"], mm=raw: add({"prompt": p, "multi_modal_data": mm}), seconds
+        out[f"gpu_actor.vllm_input_processing_{name}.prepared_cpu_share_of_row"] = prepared_ms / (
+            prepared_ms + engine_ms_per_row
         )
-    return out
-
-
-def bench_peer(inputs, seconds) -> dict:
-    out = {}
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        return {"peer.error": "torch is not installed"}
-    from actors.features import crops_from_canvas, image_canvas, log_mel
-    from actors.media import decode_audio, decode_image
-
-    jpeg = inputs["jpeg_1080p"]
-    try:
-        from transformers import Phi4MultimodalImageProcessorFast
-
-        picture = decode_image(jpeg, "bench", NO_LIMIT).image
-        for hd in HD:
-            ip = Phi4MultimodalImageProcessorFast(dynamic_hd=hd)
-            ref = ip(picture, return_tensors="pt")["image_pixel_values"][0]
-            per_s = rate(lambda ip=ip: ip(picture, return_tensors="pt"), seconds)
-            out[f"peer.transformers_image_processor_dhd{hd}.crops_per_s"] = per_s * ref.shape[0]
-            out[f"peer.transformers_image_processor_dhd{hd}.images_per_s"] = per_s
-            per_s = rate(
-                lambda ip=ip: ip(decode_image(jpeg, "bench", NO_LIMIT).image, return_tensors="pt"), seconds
-            )
-            out[f"peer.transformers_image_row_jpeg_1080p_dhd{hd}.crops_per_s"] = per_s * ref.shape[0]
-            ours = crops_from_canvas(torch.from_numpy(image_canvas(picture, hd).pixels))
-            # transformers resizes a tensor (torchvision, antialiased bilinear), the original a PIL image
-            # (PIL bilinear): a little apart on [-1, 1] pixels
-            out[f"parity.image_dhd{hd}.mean_abs_diff_vs_transformers"] = float((ours - ref).abs().mean())
-            out[f"parity.image_dhd{hd}.max_abs_diff_vs_transformers"] = float((ours - ref).abs().max())
-    except Exception as e:  # torchvision missing (CPU torch here), or an API change
-        out["peer.image_processor_error"] = f"{type(e).__name__}: {e}"[:300]
-    try:
-        from transformers import Phi4MultimodalFeatureExtractor
-
-        fe = Phi4MultimodalFeatureExtractor()
-        wave30 = decode_audio(inputs["flac_30s_48k"], "bench", 0.025, 3600).samples
-        per_s = rate(lambda: fe(wave30, sampling_rate=16000, return_tensors="pt"), seconds)
-        out["peer.transformers_feature_extractor_30s.audio_s_per_s"] = per_s * 30
-        for name in ("flac_30s_48k", "mp3_10s"):
-            data, secs = inputs[name], _audio_seconds(inputs[name])
-            per_s = rate(
-                lambda data=data: fe(decode_audio(data, "bench", 0.025, 3600).samples, sampling_rate=16000,
-                                     return_tensors="pt"), seconds)  # fmt: skip
-            out[f"peer.transformers_audio_row_{name}.audio_s_per_s"] = per_s * secs
-        ref = fe(wave30, sampling_rate=16000, return_tensors="np")["audio_input_features"][0]
-        out["parity.audio_30s.max_abs_diff_vs_transformers"] = float(np.abs(log_mel(wave30) - ref).max())
-    except Exception as e:
-        out["peer.feature_extractor_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
 
 
@@ -277,7 +314,7 @@ def ratios(f: dict) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="Time per measurement.")
+    parser.add_argument("--seconds", type=float, default=3.0, help="Time per figure (spread over 5 rounds).")
     parser.add_argument("--engine-ms-per-row", type=float, default=50.0,
                         help="Engine time per row to weigh the GPU actor's media CPU time against.")  # fmt: skip
     parser.add_argument(
@@ -286,12 +323,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="JSON path (default bench/results/preprocess-<host>.json).")
     args = parser.parse_args(argv)
     inputs = make_inputs()
-    figures = {}
-    figures.update(bench_cpu_stage(inputs, args.seconds))
+    figures = throughput(inputs, args.seconds)
     figures.update(bench_gpu_actor(inputs, args.seconds, args.engine_ms_per_row))
     if args.engine:
-        figures.update(bench_vllm_input_processing(inputs, args.seconds))
-    figures.update(bench_peer(inputs, args.seconds))
+        figures.update(bench_vllm_input_processing(inputs, args.seconds, args.engine_ms_per_row))
     figures.update(ratios(figures))
     write_report("preprocess", figures, args.out, threads=1, engine_ms_per_row=args.engine_ms_per_row,
                  cpu=platform.processor() or platform.machine())  # fmt: skip

@@ -173,3 +173,36 @@ def test_suspects_run_alone_and_repeat_offenders_are_quarantined(tiny_model, tmp
     assert [len(c) for c in calls] == [1, 2] and calls[0][0].alone and not calls[1][0].alone
     assert ledger.inner.attempts(["a", "once", "twice", "b"]) == [0, 0, 2, 0]
     assert ledger.stats == {"requests": 3}
+
+
+def test_prepared_rows_equal_to_pylist_without_copying_the_media():
+    from actors.generate import prepared_rows
+
+    canvas = {"canvas": bytes(range(256)) * 3, "width": 16, "height": 16, "mask": b"\x01" * 1024,
+              "tokens": 273, "uuid": "u"}  # fmt: skip
+    audios = [_audio(f, float(f)) for f in (3, 5, 7)]
+    rows = [
+        _prepared(str(i), "p", images=[canvas] if i % 3 else [], audios=audios[: i % 4] if i % 2 else None)
+        for i in range(9)
+    ]
+    table = pa.concat_tables(
+        [
+            pa.Table.from_pylist(rows[:4], schema=PREPARED_SCHEMA),
+            pa.Table.from_pylist(rows[4:], schema=PREPARED_SCHEMA),
+        ]
+    ).slice(1, 7)  # several chunks and an offset, as Ray Data hands batches over
+    got = prepared_rows(table)
+
+    def as_bytes(rows):
+        for row in rows:
+            for column, blob in (("images", "canvas"), ("audios", "features")):
+                for item in row[column] or []:
+                    item[blob] = bytes(item[blob])
+        return rows
+
+    views = [item["features"] for row in got for item in row["audios"] or []]
+    data = [chunk.flatten().field("features").buffers()[2] for chunk in table.column("audios").chunks]
+    assert views and all(  # each blob is a view into the table's own memory, not a copy
+        any(d.address <= v.address and v.address + v.size <= d.address + d.size for d in data) for v in views
+    )
+    assert as_bytes(got) == table.to_pylist()
