@@ -129,7 +129,8 @@ def engine_prompt(request: EngineRequest) -> dict:
         uuids["image"] = [im["uuid"] for im in request.images]
     if request.audios:
         mm["audio"] = {
-            "input_audio_embeds": [_tensor(a["features"], "<f4", (a["frames"], -1)) for a in request.audios]
+            "input_audio_embeds": [_tensor(a["features"], "<f4", (a["frames"], -1)) for a in request.audios],
+            "audio_with_images": [bool(a["with_images"]) for a in request.audios],
         }
         uuids["audio"] = [a["uuid"] for a in request.audios]
     if mm:

@@ -68,15 +68,14 @@ def prepared_image(image: DecodedImage, dynamic_hd: int, where: str = "") -> dic
     }
 
 
-def prepared_audio(clip) -> dict:
+def prepared_audio(clip, with_images: bool = False) -> dict:
     """A 16 kHz clip -> its ``PREPARED_AUDIO`` value: log-mel features and their content hash."""
     features = log_mel(clip).astype("<f4", copy=False)
     data = features.tobytes()
-    return {
-        "features": data,
-        "frames": len(features),
-        "uuid": hashlib.blake2b(data, digest_size=16).hexdigest(),
-    }
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    # the key includes the projection: the same clip beside an image is encoded differently
+    uuid = f"{digest}-{'vision' if with_images else 'speech'}"
+    return {"features": data, "frames": len(features), "uuid": uuid, "with_images": with_images}
 
 
 class PreprocessRows:
@@ -170,7 +169,7 @@ class PreprocessRows:
         out.update(
             prompt=prompt,
             images=[prepared_image(im, engine.dynamic_hd, f"#{n}") for n, im in enumerate(images, start=1)],
-            audios=[prepared_audio(clip) for clip in clips],
+            audios=[prepared_audio(clip, with_images=bool(images)) for clip in clips],
             audio_chunks=len(clips) if chunked else None,
             adapter=adapter,
             prompt_tokens=sum(counts),

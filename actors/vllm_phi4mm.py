@@ -6,9 +6,9 @@ subclass adds a second input form per modality, a dict of tensors (vLLM's ``Dict
 
     image: {"image_canvas": [(H, W, 3) uint8], "image_attention_mask": [(1+crops, 32, 32) uint8],
             "image_sizes": [(2,) int64 = (H, W)], "num_img_tokens": [int]}
-    audio: {"input_audio_embeds": [(frames, 80) float32]}
+    audio: {"input_audio_embeds": [(frames, 80) float32], "audio_with_images": [bool]}
 
-The audio dict is already what the model consumes. The image canvas is finished on the model's device by
+The audio features are already what the model consumes; the flag picks the audio projection. The image canvas is finished on the model's device by
 ``crops_from_canvas``: the original processor's ToTensor/Normalize, 448 px tiling and bicubic global view.
 Raw media still work (dummy inputs for profiling use them). Imports vLLM and torch: load it only in the
 GPU actor, through ``actors.vllm_plugin.register``.
@@ -29,7 +29,7 @@ from actors.features import crops_from_canvas
 from schemas.model import PHI4MM
 
 IMAGE_FIELDS = ("image_canvas", "image_attention_mask", "image_sizes", "num_img_tokens")
-AUDIO_FIELDS = ("input_audio_embeds",)
+AUDIO_FIELDS = ("input_audio_embeds", "audio_with_images")
 
 
 def _image_field_config(data: Mapping[str, object]) -> dict[str, MultiModalFieldConfig]:
@@ -42,7 +42,10 @@ def _image_field_config(data: Mapping[str, object]) -> dict[str, MultiModalField
 
 
 def _audio_field_config(data: Mapping[str, object]) -> dict[str, MultiModalFieldConfig]:
-    return dict(input_audio_embeds=MultiModalFieldConfig.batched("audio"))
+    return dict(
+        input_audio_embeds=MultiModalFieldConfig.batched("audio"),
+        audio_with_images=MultiModalFieldConfig.batched("audio", keep_on_cpu=True),
+    )
 
 
 class PreparedDataParser(MultiModalDataParser):
@@ -70,7 +73,11 @@ class PreparedProcessingInfo(phi4mm.Phi4MMProcessingInfo):
 
 class PreparedMultiModalProcessor(phi4mm.Phi4MMMultiModalProcessor):
     def _get_mm_fields_config(self, hf_inputs, hf_kwargs):
-        return {**super()._get_mm_fields_config(hf_inputs, hf_kwargs), **_image_field_config(hf_inputs)}
+        return {
+            **super()._get_mm_fields_config(hf_inputs, hf_kwargs),
+            **_image_field_config(hf_inputs),
+            **_audio_field_config(hf_inputs),
+        }
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence:
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
@@ -100,7 +107,25 @@ def _items(value) -> list[torch.Tensor]:
     PreparedMultiModalProcessor, info=PreparedProcessingInfo, dummy_inputs=phi4mm.Phi4MMDummyInputsBuilder
 )
 class Phi4MMPreparedForCausalLM(phi4mm.Phi4MMForCausalLM):
-    """Phi4MMForCausalLM that also takes prepared image canvases and log-mel features."""
+    """Phi4MMForCausalLM that also takes prepared image canvases and log-mel features.
+
+    It also projects each prepared audio clip the way the original model does: with the vision-speech
+    projection when its request has images. vLLM's runner encodes one modality at a time, so vLLM's
+    Phi4MM never sees images and audio in one call and always uses the speech projection; the
+    ``audio_with_images`` flag the CPU stage sets per clip carries the request's shape across.
+    """
+
+    def embed_multimodal(self, **kwargs: object):
+        with_images = kwargs.pop("audio_with_images", None)
+        if with_images is None:
+            return super().embed_multimodal(**kwargs)
+        features = kwargs.pop("input_audio_embeds")
+        embeddings = tuple(super().embed_multimodal(**kwargs)) if kwargs else ()
+        dtype = next(self.embed_tokens_extend.parameters()).dtype
+        for clip, vision in zip(_items(features), _items(with_images), strict=True):
+            mode = "vision" if bool(vision) else "speech"
+            embeddings += (self.embed_tokens_extend(clip.to(dtype), audio_projection_mode=mode),)
+        return embeddings
 
     def _parse_and_validate_multimodal_inputs(self, **kwargs: object):
         if "image_canvas" not in kwargs:

@@ -64,8 +64,16 @@ PREPARED_IMAGE = pa.struct(
         ("uuid", pa.string()),
     ]
 )
-# One audio clip (or window): log-mel features, float32 little-endian (frames, 80), and its cache key.
-PREPARED_AUDIO = pa.struct([("features", pa.large_binary()), ("frames", pa.int32()), ("uuid", pa.string())])
+# One audio clip (or window): log-mel features, float32 little-endian (frames, 80), its cache key, and
+# whether its row has images (the model then projects it with its vision-speech projection).
+PREPARED_AUDIO = pa.struct(
+    [
+        ("features", pa.large_binary()),
+        ("frames", pa.int32()),
+        ("uuid", pa.string()),
+        ("with_images", pa.bool_()),
+    ]
+)
 
 # Per-row sampling overrides; null means "use the job's default".
 SAMPLING_FIELDS: list[pa.Field] = [

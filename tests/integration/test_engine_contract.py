@@ -251,3 +251,72 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_audio_beside_an_image_gets_the_vision_speech_projection(config, generate):
+    """The original model projects a clip with its vision-speech projection when the request has images.
+    vLLM encodes one modality at a time, so its Phi4MM always picks the speech projection; prepared clips
+    carry the row's shape (``audio_with_images``) and get the right one."""
+    from vllm import SamplingParams
+
+    from actors.generate import to_engine_requests
+
+    engine = generate.engine
+    modes, handles = [], []
+
+    def hook(module, args, kwargs, output):
+        modes.append(kwargs.get("audio_projection_mode"))
+
+    engine.llm.apply_model(
+        lambda m: handles.append(m.embed_tokens_extend.register_forward_hook(hook, with_kwargs=True))
+    )
+    # a clip no other test sends: the engine reuses a clip's encoder output by its cache key
+    audio = {"bytes": _wav(1.5, 16000, 123), "path": None}
+    rows = [
+        {"id": "both", "image": {"bytes": (MEDIA / "cat.jpg").read_bytes(), "path": None}, "audio": audio, "prompt": None},
+        {"id": "audio", "image": None, "audio": audio, "prompt": None},
+    ]  # fmt: skip
+    schema = pa.schema(
+        [("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())]
+    )
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    try:
+        for row in PreprocessRows(config)(pa.Table.from_pylist(rows, schema=schema)).to_pylist():
+            modes.append(row["id"])
+            (request,) = to_engine_requests(row)
+            engine.loop.submit(engine_prompt(request), params, group="base").result(timeout=300)
+    finally:
+        for h in handles:
+            h.remove()
+    assert modes == ["both", "vision", "audio", "speech"]
+
+
+def test_an_image_shared_by_rows_is_encoded_once(config, generate):
+    """Rows asking different questions about one image reuse its encoder output (by the cache key the CPU
+    stage gives each media item), and a different image is encoded on its own."""
+    from vllm import SamplingParams
+
+    from actors.generate import to_engine_requests
+
+    engine = generate.engine
+    calls, handles = [], []
+    engine.llm.apply_model(
+        lambda m: handles.append(m.vision_encoder.register_forward_hook(lambda *a: calls.append(1)))
+    )
+    image = {"bytes": _png(500, 320, 77), "path": None}
+    rows = [{"id": str(i), "image": image, "audio": None, "prompt": f"question {i}"} for i in range(3)]
+    rows.append(
+        {"id": "other", "image": {"bytes": _png(500, 320, 78), "path": None}, "audio": None, "prompt": "q"}
+    )
+    schema = pa.schema(
+        [("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())]
+    )
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    try:
+        for row in PreprocessRows(config)(pa.Table.from_pylist(rows, schema=schema)).to_pylist():
+            (request,) = to_engine_requests(row)
+            engine.loop.submit(engine_prompt(request), params, group="base").result(timeout=300)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == 2  # the shared image once, the other image once

@@ -32,7 +32,12 @@ class EchoEngine:
 def _audio(frames: int, value: float = 0.0) -> dict:
     """A prepared audio entry (log-mel features) as the CPU stage writes it."""
     features = np.full((frames, 80), value, "<f4")
-    return {"features": features.tobytes(), "frames": frames, "uuid": f"a{value}-{frames}"}
+    return {
+        "features": features.tobytes(),
+        "frames": frames,
+        "uuid": f"a{value}-{frames}",
+        "with_images": False,
+    }
 
 
 def _prepared(row_id, prompt, status="ok", **extra):
