@@ -8,8 +8,9 @@ subclass adds a second input form per modality, a dict of tensors (vLLM's ``Dict
             "image_sizes": [(2,) int64 = (H, W)], "num_img_tokens": [int]}
     audio: {"input_audio_embeds": [(frames, 80) float32], "audio_with_images": [bool]}
 
-The audio features are already what the model consumes; the flag picks the audio projection. The image canvas is finished on the model's device by
-``crops_from_canvas``: the original processor's ToTensor/Normalize, 448 px tiling and bicubic global view.
+The audio features are already what the model consumes; the flag picks the audio projection. The image
+canvas is finished on the model's device by ``crops_from_canvas``: the original processor's
+ToTensor/Normalize, 448 px tiling and bicubic global view.
 Raw media still work (dummy inputs for profiling use them). Imports vLLM and torch: load it only in the
 GPU actor, through ``actors.vllm_plugin.register``.
 """
