@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from pipelines.io import audit, prepare_output, write_manifest
 from pipelines.spec import StageSpec, apply
-from schemas.job import JobConfig
+from schemas.job import JobConfig, pool_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +81,12 @@ def warn_if_resources_short(config: JobConfig) -> None:
     import ray
 
     res = config.resources
-
-    def least(stage):
-        return stage.concurrency[0] if isinstance(stage.concurrency, tuple) else stage.concurrency
-
     # Ray Data's file-listing task asks for a whole CPU, whatever io_num_cpus says.
     io = max(1.0, res.io_num_cpus)
     needed = (
-        least(res.preprocess) * res.preprocess.num_cpus + least(res.generate) * res.generate.num_cpus + io
+        pool_bounds(res.preprocess.concurrency)[0] * res.preprocess.num_cpus
+        + pool_bounds(res.generate.concurrency)[0] * res.generate.num_cpus
+        + io
     )
     available = ray.cluster_resources().get("CPU", 0)
     if available < needed:

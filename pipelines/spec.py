@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.job import pool_bounds
+
 
 class StageSpec(BaseModel):
     """One ``map_batches`` step: a callable class run by a pool of actors."""
@@ -32,7 +34,7 @@ def apply(ds, stages: list[StageSpec]):
     from ray.data import ActorPoolStrategy
 
     for stage in stages:
-        low, high = stage.concurrency if isinstance(stage.concurrency, tuple) else (stage.concurrency,) * 2
+        low, high = pool_bounds(stage.concurrency)
         compute = ActorPoolStrategy(
             min_size=low,
             max_size=high,
@@ -50,6 +52,7 @@ def apply(ds, stages: list[StageSpec]):
             udf_modifying_row_count=False,
             runtime_env={"env_vars": dict(stage.env)} if stage.env else None,
             # Bounded, unlike Ray Data's default (-1): an actor that can never start must end the job.
+            # Ray 2.60 deprecates passing it this way (and ray_remote_args_fn) without a named successor yet.
             max_restarts=stage.max_restarts,
         )
     return ds

@@ -207,6 +207,11 @@ class SamplingConfig(_Strict):
     ignore_eos: bool = Field(False, description="Keep generating past the end token (benchmarks only).")
 
 
+def pool_bounds(concurrency: int | tuple[int, int]) -> tuple[int, int]:
+    """(min, max) actors of a pool given as N or (min, max)."""
+    return concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
+
+
 class StageResources(_Strict):
     concurrency: int | tuple[int, int] = Field(1, description="Actor pool size, or (min, max) to autoscale.")
     batch_size: int = Field(16, ge=1, description="Rows per batch handed to one actor call.")
@@ -231,12 +236,10 @@ class StageResources(_Strict):
 
     @model_validator(mode="after")
     def _check_pool(self) -> StageResources:
-        if isinstance(self.concurrency, tuple):
-            lo, hi = self.concurrency
-            if not 1 <= lo <= hi:
-                raise ValueError(f"concurrency ({lo}, {hi}) must satisfy 1 <= min <= max.")
-        elif self.concurrency < 1:
-            raise ValueError("concurrency must be >= 1.")
+        lo, hi = pool_bounds(self.concurrency)
+        if not 1 <= lo <= hi:
+            what = f"({lo}, {hi})" if isinstance(self.concurrency, tuple) else str(lo)
+            raise ValueError(f"concurrency {what} must satisfy 1 <= min <= max (a single N must be >= 1).")
         return self
 
 
