@@ -86,15 +86,18 @@ def tokens_from_masks(mask: np.ndarray, canvas: tuple[int, int]) -> int:
     return global_side * global_side + 1 + int(grid.sum()) + int(grid[:, 0].sum()) + global_side
 
 
-def image_canvas(image, dynamic_hd: int, where: str = "") -> ImageCanvas:
-    """An RGB PIL image -> its canvas: the original processor's resize (PIL bilinear) and white padding."""
+def image_canvas(image, dynamic_hd: int, where: str = "", size: tuple[int, int] | None = None) -> ImageCanvas:
+    """An RGB PIL image -> its canvas: the original processor's resize (PIL bilinear) and white padding.
+    ``size``: the size the picture counts as when it differs from ``image.size`` (a reduced-scale decode
+    or a downscale): it decides the crop grid; the pixels are resampled from what ``image`` holds."""
     from PIL import Image
 
-    canvas, resized = fitted_size(image.width, image.height, dynamic_hd)
+    width, height = size or image.size
+    canvas, resized = fitted_size(width, height, dynamic_hd)
     if min(resized) < PHI4MM.min_resized_side:
         raise RowError(
             ErrorCode.IMAGE_ASPECT_RATIO_UNSUPPORTED,
-            f"image {where} is {image.width}x{image.height}; fitted to its {canvas[0]}x{canvas[1]} crop grid it "
+            f"image {where} is {width}x{height}; fitted to its {canvas[0]}x{canvas[1]} crop grid it "
             f"would be {resized[0]}x{resized[1]} px, and Phi-4-multimodal's processor needs at least "
             f"{PHI4MM.min_resized_side} px per side. Crop or pad it to a less extreme aspect ratio.",
         )

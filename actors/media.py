@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,20 +34,27 @@ class MediaSource:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: object  # PIL.Image.Image in mode RGB (kept as PIL: the canvas resize works on it directly)
+    """A decoded picture and the size the model sees it at: its own (oriented) size, or a smaller one
+    after a downscale. ``image`` may hold fewer pixels than that: after a reduced-scale JPEG decode
+    (``jpeg_scale`` > 1; still at least what the crop grid needs) or a downscale, whose resampling is
+    left to the one resize into the canvas."""
+
+    image: object  # PIL.Image.Image in mode RGB
     digest: str = ""  # blake2b of the encoded bytes it came from: the engine's cache key for this image
+    size: tuple[int, int] | None = None  # (width, height) the model sees; None: image.size
+    jpeg_scale: int = 1  # 1: full decode; 2, 4, 8: libjpeg decoded it at 1/jpeg_scale
 
     @property
     def width(self) -> int:
-        return self.image.width
+        return (self.size or self.image.size)[0]
 
     @property
     def height(self) -> int:
-        return self.image.height
+        return (self.size or self.image.size)[1]
 
     @property
     def rgb(self) -> bytes:
-        """(height, width, 3) uint8, row-major."""
+        """(height, width, 3) uint8, row-major, at ``image.size``."""
         return self.image.tobytes()
 
 
@@ -151,8 +159,13 @@ def _read_path(path: str, source: MediaSource, kind: str) -> bytes:
         raise RowError(ErrorCode.MEDIA_NOT_FOUND, f"{kind} path {path!r} could not be read: {e}.") from e
 
 
-def decode_image(data: bytes, where: str, max_pixels: int) -> DecodedImage:
-    """Decode to RGB: first frame of animations, EXIF orientation applied, alpha composited on white."""
+def decode_image(
+    data: bytes, where: str, max_pixels: int, reduce_to: Callable[[int, int], tuple[int, int]] | None = None
+) -> DecodedImage:
+    """Decode to RGB: first frame of animations, EXIF orientation applied, alpha composited on white.
+
+    ``reduce_to(width, height)``, given the picture's oriented size, names the smallest size it will be
+    used at; a JPEG is then decoded at the largest 1/2, 1/4 or 1/8 scale that still covers it."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -167,6 +180,14 @@ def decode_image(data: bytes, where: str, max_pixels: int) -> DecodedImage:
                 f"image {where} is {width}x{height} = {width * height:,} pixels, over media.max_image_pixels "
                 f"({max_pixels:,}). Downscale it, or raise media.max_image_pixels if it is trusted.",
             )
+        full, scale = None, 1
+        if reduce_to is not None and img.format == "JPEG" and width >= 2 and height >= 2:
+            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation with a 90 degree turn
+            full = (height, width) if turned else (width, height)
+            need_w, need_h = reduce_to(*full)
+            need = (need_h, need_w) if turned else (need_w, need_h)
+            img.draft(img.mode, need)  # a no-op unless a smaller DCT scale still covers `need`
+            scale = width // img.size[0]
         img.load()
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
@@ -184,7 +205,10 @@ def decode_image(data: bytes, where: str, max_pixels: int) -> DecodedImage:
         raise RowError(
             ErrorCode.IMAGE_DECODE_ERROR, f"image {where} has no pixels ({img.width}x{img.height})."
         )
-    return DecodedImage(image=img, digest=hashlib.blake2b(data, digest_size=16).hexdigest())
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if scale > 1:
+        return DecodedImage(image=img, digest=digest, size=full, jpeg_scale=scale)
+    return DecodedImage(image=img, digest=digest)
 
 
 def _to_rgb(img):
@@ -256,9 +280,8 @@ def downscale_size(image: DecodedImage, scale: float) -> tuple[int, int]:
 
 
 def downscale(image: DecodedImage, scale: float) -> DecodedImage:
-    from PIL import Image
-
-    return DecodedImage(image.image.resize(downscale_size(image, scale), Image.BICUBIC), image.digest)
+    """The same pixels seen at a smaller size: the resize into the canvas resamples them, once."""
+    return replace(image, size=downscale_size(image, scale))
 
 
 def _check_rate(rate: int, where: str) -> None:

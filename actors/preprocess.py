@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from actors.chunks import chunk_waveform
-from actors.features import image_canvas, log_mel
+from actors.features import fitted_size, image_canvas, log_mel
 from actors.media import (
     DecodedImage,
     MediaSource,
@@ -55,7 +55,7 @@ def load_tokenizer(config: JobConfig):
 
 def prepared_image(image: DecodedImage, dynamic_hd: int, where: str = "") -> dict:
     """A decoded image -> its ``PREPARED_IMAGE`` value (see ``actors.features``)."""
-    canvas = image_canvas(image.image, dynamic_hd, where)
+    canvas = image_canvas(image.image, dynamic_hd, where, size=(image.width, image.height))
     height, width = canvas.pixels.shape[:2]
     return {
         "canvas": canvas.pixels.tobytes(),
@@ -63,8 +63,8 @@ def prepared_image(image: DecodedImage, dynamic_hd: int, where: str = "") -> dic
         "height": height,
         "mask": canvas.mask.tobytes(),
         "tokens": canvas.num_tokens,
-        # the same encoded bytes at the same size and dynamic_hd always give the same canvas
-        "uuid": f"{image.digest}-{image.width}x{image.height}-hd{dynamic_hd}",
+        # the same encoded bytes at the same size, decode scale and dynamic_hd always give the same canvas
+        "uuid": f"{image.digest}-{image.width}x{image.height}-s{image.jpeg_scale}-hd{dynamic_hd}",
     }
 
 
@@ -125,8 +125,9 @@ class PreprocessRows:
         audio_items = as_items(row.get(cols.audio)) if cols.audio else []
         user_text = row.get(cols.prompt) if cols.prompt else None
         self._check_row_shape(image_items, audio_items, user_text)
+        reduce_to = self._fitted_size if media_cfg.fast_jpeg_decode else None
         images = [
-            decode_image(*load_bytes(item, self.source, "image"), media_cfg.max_image_pixels)
+            decode_image(*load_bytes(item, self.source, "image"), media_cfg.max_image_pixels, reduce_to)
             for item in image_items
         ]
         rate = row.get(cols.sampling_rate) if cols.sampling_rate else None
@@ -177,6 +178,9 @@ class PreprocessRows:
             num_audios=len(audios),
             audio_seconds=sum(a.seconds for a in audios),
         )
+
+    def _fitted_size(self, width: int, height: int) -> tuple[int, int]:
+        return fitted_size(width, height, self.config.engine.dynamic_hd)[1]
 
     def _check_row_shape(self, image_items: list, audio_items: list, user_text) -> None:
         """What can be told before decoding anything: the prompt's type, an empty row, too many items."""

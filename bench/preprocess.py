@@ -2,12 +2,14 @@
 
     python -m bench.preprocess [--seconds S] [--engine] [--out PATH]
 
-Inputs: a 1920x1080 JPEG (a real photo, upscaled), a 30 s 48 kHz FLAC and a 10 s MP3 (real speech).
+Inputs: a 1920x1080 and a 4032x3024 JPEG (a real photo, upscaled), a 30 s 48 kHz FLAC and a 10 s MP3
+(real speech).
 Figures (throughput ones from interleaved rounds, the median of 5; see ``rates``):
 - cpu_stage.*: phi4mm-batch's CPU actors. ``image_canvas_dhd{4,16}``: the model's image input from a
   decoded picture (resize into the crop grid + pad, masks, token count), as crops/s and images/s;
   ``image_row_*``: the same from the JPEG's bytes, as the CPU stage hands it on (decode, EXIF, RGB,
-  bytes, cache key). ``audio_features_30s``: log-mel features of a 16 kHz clip; ``audio_row_*``: decode
+  bytes, cache key); ``image_row_jpeg_12mp*``: a 4032x3024 camera-size JPEG, exact and with
+  ``media.fast_jpeg_decode``. ``audio_features_30s``: log-mel features of a 16 kHz clip; ``audio_row_*``: decode
   + mono + resample to 16 kHz + features + cache key, from the file's bytes.
 - gpu_actor.*: media work left in the GPU actor's process per row: turning a prepared Arrow batch into
   the engine's prompts and tensors (zero-copy views), and finishing the canvas into normalized crops and
@@ -52,6 +54,10 @@ def make_inputs() -> dict[str, bytes]:
     photo = Image.open(MEDIA / "coffee.jpg").convert("RGB").resize((1920, 1080), Image.BICUBIC)
     jpeg = io.BytesIO()
     photo.save(jpeg, format="JPEG", quality=90)
+    camera = io.BytesIO()  # a 12 MP phone photo's size
+    Image.open(MEDIA / "coffee.jpg").convert("RGB").resize((4032, 3024), Image.BICUBIC).save(
+        camera, format="JPEG", quality=90
+    )
     speech, rate = sf.read(MEDIA / "fox.wav", dtype="float32")  # 16 kHz speech, 3.4 s
     at48 = resample_poly(speech, 3, 1).astype(np.float32)
     long48 = np.tile(at48, int(np.ceil(30 * 48000 / len(at48))))[: 30 * 48000]
@@ -60,7 +66,12 @@ def make_inputs() -> dict[str, bytes]:
     mp3_src = np.tile(speech, int(np.ceil(10 * rate / len(speech))))[: 10 * rate]
     mp3 = io.BytesIO()
     sf.write(mp3, mp3_src, rate, format="MP3")
-    return {"jpeg_1080p": jpeg.getvalue(), "flac_30s_48k": flac.getvalue(), "mp3_10s": mp3.getvalue()}
+    return {
+        "jpeg_1080p": jpeg.getvalue(),
+        "jpeg_12mp": camera.getvalue(),
+        "flac_30s_48k": flac.getvalue(),
+        "mp3_10s": mp3.getvalue(),
+    }
 
 
 def rates(workloads: dict, seconds: float, rounds: int = 5) -> dict[str, float]:
@@ -99,7 +110,7 @@ def _audio_seconds(data: bytes) -> float:
 
 def cpu_stage_workloads(inputs) -> dict[str, tuple]:
     """name -> (call, units per call, unit) for the CPU stage's throughput figures."""
-    from actors.features import image_canvas, log_mel
+    from actors.features import fitted_size, image_canvas, log_mel
     from actors.media import decode_audio, decode_image
     from actors.preprocess import prepared_audio, prepared_image
 
@@ -111,6 +122,15 @@ def cpu_stage_workloads(inputs) -> dict[str, tuple]:
         out[f"cpu_stage.image_canvas_dhd{hd}"] = (lambda hd=hd: image_canvas(picture, hd), crops, "crops")
         out[f"cpu_stage.image_row_jpeg_1080p_dhd{hd}"] = (
             lambda hd=hd: prepared_image(decode_image(jpeg, "bench", NO_LIMIT), hd), crops, "crops")  # fmt: skip
+    camera = inputs["jpeg_12mp"]
+    for hd in HD:
+        crops = image_canvas(decode_image(camera, "bench", NO_LIMIT).image, hd).crops
+        reduce_to = lambda w, h, hd=hd: fitted_size(w, h, hd)[1]  # noqa: E731
+        out[f"cpu_stage.image_row_jpeg_12mp_dhd{hd}"] = (
+            lambda hd=hd: prepared_image(decode_image(camera, "bench", NO_LIMIT), hd), crops, "crops")  # fmt: skip
+        out[f"cpu_stage.image_row_jpeg_12mp_fast_decode_dhd{hd}"] = (
+            lambda hd=hd, r=reduce_to: prepared_image(decode_image(camera, "bench", NO_LIMIT, r), hd),
+            crops, "crops")  # fmt: skip
     wave30 = decode_audio(inputs["flac_30s_48k"], "bench", 0.025, 3600).samples
     out["cpu_stage.audio_features_30s"] = (lambda: log_mel(wave30), 30.0, "audio_s")
     for name in ("flac_30s_48k", "mp3_10s"):
@@ -134,7 +154,7 @@ def peer_workloads(inputs) -> tuple[dict[str, tuple], dict]:
     from actors.features import crops_from_canvas, image_canvas, log_mel
     from actors.media import decode_audio, decode_image
 
-    jpeg = inputs["jpeg_1080p"]
+    jpeg, camera = inputs["jpeg_1080p"], inputs["jpeg_12mp"]
     try:
         from transformers import Phi4MultimodalImageProcessorFast
 
@@ -147,6 +167,12 @@ def peer_workloads(inputs) -> tuple[dict[str, tuple], dict]:
             workloads[f"peer.transformers_image_row_jpeg_1080p_dhd{hd}"] = (
                 lambda ip=ip: ip(decode_image(jpeg, "bench", NO_LIMIT).image, return_tensors="pt"),
                 ref.shape[0], "crops")  # fmt: skip
+            crops = ip(decode_image(camera, "bench", NO_LIMIT).image, return_tensors="pt")[
+                "image_pixel_values"
+            ]
+            workloads[f"peer.transformers_image_row_jpeg_12mp_dhd{hd}"] = (
+                lambda ip=ip: ip(decode_image(camera, "bench", NO_LIMIT).image, return_tensors="pt"),
+                crops.shape[1], "crops")  # fmt: skip
             ours = crops_from_canvas(torch.from_numpy(image_canvas(picture, hd).pixels))
             # transformers resizes a tensor (torchvision, antialiased bilinear), the original a PIL image
             # (PIL bilinear): a little apart on [-1, 1] pixels
@@ -304,6 +330,10 @@ def ratios(f: dict) -> dict:
                                 f"peer.transformers_image_processor_dhd{hd}.crops_per_s") for hd in HD}  # fmt: skip
     pairs |= {f"image_row_dhd{hd}": (f"cpu_stage.image_row_jpeg_1080p_dhd{hd}.crops_per_s",
                                      f"peer.transformers_image_row_jpeg_1080p_dhd{hd}.crops_per_s") for hd in HD}  # fmt: skip
+    pairs |= {f"image_row_12mp_dhd{hd}": (f"cpu_stage.image_row_jpeg_12mp_dhd{hd}.crops_per_s",
+                                          f"peer.transformers_image_row_jpeg_12mp_dhd{hd}.crops_per_s") for hd in HD}  # fmt: skip
+    pairs |= {f"image_row_12mp_fast_decode_dhd{hd}": (f"cpu_stage.image_row_jpeg_12mp_fast_decode_dhd{hd}.crops_per_s",
+                                                      f"peer.transformers_image_row_jpeg_12mp_dhd{hd}.crops_per_s") for hd in HD}  # fmt: skip
     pairs["audio_features_30s"] = ("cpu_stage.audio_features_30s.audio_s_per_s",
                                    "peer.transformers_feature_extractor_30s.audio_s_per_s")  # fmt: skip
     for name in ("flac_30s_48k", "mp3_10s"):

@@ -104,3 +104,57 @@ def test_extreme_aspect_ratio_is_an_error_with_advice():
         image_canvas(Image.new("RGB", (4000, 3)), 4)
     assert e.value.code == ErrorCode.IMAGE_ASPECT_RATIO_UNSUPPORTED
     assert "less extreme aspect ratio" in e.value.message
+
+
+def _camera_jpeg(size=(4032, 3024), orientation: int | None = None) -> bytes:
+    import io
+
+    photo = Image.open(MEDIA / "coffee.jpg").convert("RGB").resize(size, Image.BICUBIC)
+    buf = io.BytesIO()
+    if orientation is None:
+        photo.save(buf, format="JPEG", quality=92)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        photo.save(buf, format="JPEG", quality=92, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+@pytest.mark.parametrize("dynamic_hd", [4, 16])
+def test_fast_jpeg_decode_keeps_crops_and_tokens_and_stays_close(dynamic_hd, orientation):
+    from actors.media import decode_image
+    from actors.preprocess import prepared_image
+
+    data = _camera_jpeg(orientation=orientation)
+    exact = decode_image(data, "photo", 10**9)
+    fast = decode_image(data, "photo", 10**9, lambda w, h: fitted_size(w, h, dynamic_hd)[1])
+    assert exact.jpeg_scale == 1 and fast.jpeg_scale in (2, 4)
+    assert (fast.width, fast.height) == (exact.width, exact.height)  # oriented: portrait when turned
+    assert (exact.width < exact.height) == (orientation == 6)
+    assert fast.image.width * fast.jpeg_scale <= exact.width + fast.jpeg_scale  # really decoded smaller
+    a, b = prepared_image(exact, dynamic_hd), prepared_image(fast, dynamic_hd)
+    assert (a["width"], a["height"], a["mask"], a["tokens"]) == (
+        b["width"],
+        b["height"],
+        b["mask"],
+        b["tokens"],
+    )
+    assert a["uuid"] != b["uuid"]  # different pixels must not share the engine's cache entry
+    pa_, pb = (np.frombuffer(x["canvas"], np.uint8).astype(np.int16) for x in (a, b))
+    assert np.abs(pa_ - pb).mean() < 2.0  # out of 255: a slightly different resampling of the same picture
+
+
+def test_fast_jpeg_decode_leaves_small_pictures_and_other_formats_exact():
+    import io
+
+    from actors.media import decode_image
+
+    small = _camera_jpeg(size=(900, 600))
+    photo = Image.open(MEDIA / "coffee.jpg").convert("RGB").resize((4032, 3024))
+    png = io.BytesIO()
+    photo.save(png, format="PNG")
+    reduce_to = lambda w, h: fitted_size(w, h, 16)[1]  # noqa: E731
+    for data in (small, png.getvalue()):
+        d = decode_image(data, "x", 10**9, reduce_to)
+        assert d.jpeg_scale == 1 and d.image.size == (d.width, d.height)

@@ -173,3 +173,20 @@ def test_image_over_budget_policy(tiny_model, tmp_path):
     assert len(im["canvas"]) == im["width"] * im["height"] * 3 and im["width"] * im["height"] < 1792 * 896
     text = len(PreprocessRows(cfg).counter._tokenizer.encode(fitted["prompt"])) - 1
     assert fitted["prompt_tokens"] == text + im["tokens"]
+
+
+def test_fast_jpeg_decode_option_changes_pixels_not_tokens(tiny_model, tmp_path):
+    photo = Image.open(MEDIA / "coffee.jpg").convert("RGB").resize((4032, 3024))
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=90)
+    schema = pa.schema([("id", pa.string()), ("image", MEDIA_STRUCT), ("prompt", pa.string())])
+    table = pa.Table.from_pylist([{"id": "cam", "image": {"bytes": buf.getvalue(), "path": None}, "prompt": None}],
+                                 schema=schema)  # fmt: skip
+    limits = {"dynamic_hd": 4}
+    exact = PreprocessRows(make_config(tiny_model, tmp_path, engine=limits))(table).to_pylist()[0]
+    fast_cfg = make_config(tiny_model, tmp_path, engine=limits, media={"fast_jpeg_decode": True})
+    fast = PreprocessRows(fast_cfg)(table).to_pylist()[0]
+    assert exact["status"] == fast["status"] == "ok"
+    assert fast["prompt_tokens"] == exact["prompt_tokens"]
+    assert fast["images"][0]["uuid"] != exact["images"][0]["uuid"]
+    assert fast["images"][0]["canvas"] != exact["images"][0]["canvas"]  # decoded at 1/2 or 1/4, then resized
