@@ -150,7 +150,8 @@ class GenerateRows:
         return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
     def _run(self, indices: list[int], prepared: list[dict], rows: list[dict], alone: bool) -> None:
-        ids = [prepared[i]["id"] for i in indices]
+        # once per id: rows sharing an id (duplicates in the input) count one crash once, not once each
+        ids = list(dict.fromkeys(prepared[i]["id"] for i in indices))
         per_row = [to_engine_requests(prepared[i], alone) for i in indices]
         self.ledger.start(ids)
         flat: list[EngineResult] = self.engine.generate([r for requests in per_row for r in requests])

@@ -211,3 +211,17 @@ def test_prepared_rows_equal_to_pylist_without_copying_the_media():
         any(d.address <= v.address and v.address + v.size <= d.address + d.size for d in data) for v in views
     )
     assert as_bytes(got) == table.to_pylist()
+
+
+def test_rows_sharing_an_id_count_one_crash_once(tiny_model, tmp_path):
+    ledger = CrashLedger({})
+    stage = GenerateRows(
+        make_config(tiny_model, tmp_path), run_id="r", engine_factory=EchoEngine, ledger=ledger
+    )
+    rows = [
+        _prepared("dup", "<|user|>x<|end|><|assistant|>"),
+        _prepared("dup", "<|user|>y<|end|><|assistant|>"),
+    ]
+    out = stage(pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "ok"] and [r["id"] for r in out] == ["dup", "dup"]
+    assert ledger.started == [["dup"]]  # had the engine died here, "dup" would be a suspect, not quarantined
