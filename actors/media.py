@@ -185,6 +185,7 @@ def decode_image(
             turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation with a 90 degree turn
             full = (height, width) if turned else (width, height)
             need_w, need_h = reduce_to(*full)
+            need_w, need_h = max(1, need_w), max(1, need_h)  # an extreme aspect ratio fits to 0 px
             need = (need_h, need_w) if turned else (need_w, need_h)
             img.draft(img.mode, need)  # a no-op unless a smaller DCT scale still covers `need`
             scale = width // img.size[0]

@@ -145,6 +145,17 @@ def test_fast_jpeg_decode_keeps_crops_and_tokens_and_stays_close(dynamic_hd, ori
     assert np.abs(pa_ - pb).mean() < 2.0  # out of 255: a slightly different resampling of the same picture
 
 
+def test_fast_jpeg_decode_of_a_sliver_is_still_the_aspect_ratio_error():
+    from actors.media import decode_image
+
+    sliver = decode_image(
+        _camera_jpeg(size=(20000, 2)), "sliver", 10**9, lambda w, h: fitted_size(w, h, 16)[1]
+    )
+    with pytest.raises(RowError) as e:
+        image_canvas(sliver.image, 16, size=(sliver.width, sliver.height))
+    assert e.value.code == ErrorCode.IMAGE_ASPECT_RATIO_UNSUPPORTED
+
+
 def test_fast_jpeg_decode_leaves_small_pictures_and_other_formats_exact():
     import io
 
