@@ -89,6 +89,15 @@ def stage(tiny_model, tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def fast_stage(tiny_model, tmp_path_factory):
+    """The same stage with media.fast_jpeg_decode, whose reduced-scale decode must be as robust."""
+    return PreprocessRows(
+        make_config(tiny_model, tmp_path_factory.mktemp("robust-fast"), engine={"max_model_len": 8192, "dynamic_hd": 2},
+                    media={"fast_jpeg_decode": True})
+    )  # fmt: skip
+
+
 def test_real_formats_decode(stage):
     rows = [{"id": f"image-{k}", "image": {"bytes": v, "path": None}} for k, v in GOOD_IMAGES.items()]
     rows += [{"id": f"audio-{k}", "audio": {"bytes": v, "path": None}} for k, v in GOOD_AUDIO.items()]
@@ -110,7 +119,9 @@ def test_broken_files_become_error_rows_with_stable_codes(stage):
 cell = st.one_of(
     st.none(),
     st.binary(max_size=64),
-    st.sampled_from(list(GOOD_IMAGES.values())[:3] + [GOOD_AUDIO["wav-16"], _bomb_png()]),
+    st.sampled_from(list(GOOD_IMAGES.values())[:3] + [GOOD_AUDIO["wav-16"], _bomb_png(), GOOD_IMAGES["cmyk-jpeg"],
+                     _img(size=(1800, 1400), fmt="JPEG"), _img(size=(4000, 2), fmt="JPEG"),
+                     _img(size=(1200, 900), fmt="JPEG", exif=b"Exif\x00\x00garbage")]),
     st.builds(lambda b, p: {"bytes": b, "path": p}, st.one_of(st.none(), st.binary(max_size=32)),
               st.one_of(st.none(), st.text(max_size=12))),
     st.integers(), st.floats(allow_nan=True), st.text(max_size=20),
@@ -126,11 +137,10 @@ prompt = st.one_of(st.none(), st.integers(), st.text(max_size=40), st.just("<|im
                                        "max_tokens": st.one_of(st.none(), st.integers(), st.text(max_size=3)),
                                        "sampling_rate": st.one_of(st.none(), st.integers(-5, 100_000))}),
                 min_size=1, max_size=6))  # fmt: skip
-def test_fuzz_never_raises_and_keeps_one_row_per_input(stage, rows):
+def test_fuzz_never_raises_and_keeps_one_row_per_input(stage, fast_stage, rows):
     # Cells of any Python type, as no Arrow column could hold them: the row-level entry point.
-    out = [stage.prepare(row) for row in rows]
     codes = {c.value for c in ErrorCode}
-    for row, result in zip(rows, out, strict=True):
+    for row, result in [(row, s.prepare(row)) for s in (stage, fast_stage) for row in rows]:
         assert result["status"] in ("ok", "error")
         if result["status"] == "error":
             assert result["error_code"] in codes and result["error_code"] != "PREPROCESS_ERROR", result
