@@ -42,7 +42,7 @@ lint: .venv/.ready
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 bench: .venv/.ready
-	$(PY) -m bench.preprocess
+	$(PY) -m bench.preprocess --engine
 	$(PY) -m bench.engine
 
 clean:
