@@ -34,9 +34,8 @@ MASK_SIDE = PHI4MM.crop_size // PHI4MM.patch_size  # 32 patches per crop side
 class ImageCanvas:
     """One image as the engine takes it from the CPU stage."""
 
-    pixels: (
-        np.ndarray
-    )  # (rows*448, cols*448, 3) uint8: resized into the crop grid, white padding right/bottom
+    # (rows*448, cols*448, 3) uint8: resized into the crop grid, white padding right/bottom
+    pixels: np.ndarray
     mask: np.ndarray  # (1 + rows*cols, 32, 32) uint8: global view first; 1 = the patch shows image
     num_tokens: int  # placeholder tokens the image takes in the prompt (from the mask, as the model counts)
 
