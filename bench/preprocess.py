@@ -248,6 +248,10 @@ def bench_gpu_actor(inputs, seconds, engine_ms_per_row: float) -> dict:
             return crops
 
         finish_ms = cpu_ms(finish, seconds)
+        on_cpu = crops_from_canvas(torch.from_numpy(canvas.pixels))
+        out[f"parity.canvas_finish_dhd{hd}.max_abs_diff_{device}_vs_cpu"] = float(
+            (finish().cpu() - on_cpu).abs().max()
+        )
         media_ms = build + finish_ms
         out[f"gpu_actor.image_dhd{hd}.request_build_cpu_ms"] = build
         out[f"gpu_actor.image_dhd{hd}.canvas_finish_cpu_ms"] = finish_ms
