@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actors.tokens import crop_grid, num_audio_frames
+from actors.tokens import fitted_size, num_audio_frames
 from schemas.model import PHI4MM
 from schemas.rows import ErrorCode, RowError
 
@@ -42,18 +42,6 @@ class ImageCanvas:
     @property
     def crops(self) -> int:
         return self.mask.shape[0]
-
-
-def fitted_size(width: int, height: int, dynamic_hd: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((canvas_w, canvas_h), (resized_w, resized_h)): the crop grid's size and the aspect-preserving
-    size the image is resized to inside it, by the original processor's arithmetic (int() truncation)."""
-    cols, rows = crop_grid(width, height, dynamic_hd)
-    target_w, target_h = PHI4MM.crop_size * cols, PHI4MM.crop_size * rows
-    if target_w / width < target_h / height:
-        resized = (target_w, int(height * (target_w / width)))
-    else:
-        resized = (int(width * (target_h / height)), target_h)
-    return (target_w, target_h), resized
 
 
 def crop_masks(canvas: tuple[int, int], resized: tuple[int, int]) -> np.ndarray:

@@ -52,11 +52,6 @@ class DecodedImage:
     def height(self) -> int:
         return (self.size or self.image.size)[1]
 
-    @property
-    def rgb(self) -> bytes:
-        """(height, width, 3) uint8, row-major, at ``image.size``."""
-        return self.image.tobytes()
-
 
 @dataclass(frozen=True)
 class DecodedAudio:

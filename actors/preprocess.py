@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from actors.chunks import chunk_waveform
-from actors.features import fitted_size, image_canvas, log_mel
+from actors.features import image_canvas, log_mel
 from actors.media import (
     DecodedImage,
     MediaSource,
@@ -28,7 +28,7 @@ from actors.media import (
     load_bytes,
 )
 from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of
-from actors.tokens import num_audio_tokens, num_image_tokens
+from actors.tokens import fitted_size, num_audio_tokens, num_image_tokens
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
 from schemas.rows import PREPARED_SCHEMA, ErrorCode, RowError, Status, empty_prepared_row

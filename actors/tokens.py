@@ -43,16 +43,23 @@ def crop_grid(width: int, height: int, dynamic_hd: int) -> tuple[int, int]:
     return find_closest_aspect_ratio(width / height, ratios, width, height, size)
 
 
+def fitted_size(width: int, height: int, dynamic_hd: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((canvas_w, canvas_h), (resized_w, resized_h)): the crop grid's size and the aspect-preserving
+    size the image is resized to inside it, by the original processor's arithmetic (int() truncation)."""
+    cols, rows = crop_grid(width, height, dynamic_hd)
+    target_w, target_h = PHI4MM.crop_size * cols, PHI4MM.crop_size * rows
+    if target_w / width < target_h / height:
+        resized = (target_w, int(height * (target_w / width)))
+    else:
+        resized = (int(width * (target_h / height)), target_h)
+    return (target_w, target_h), resized
+
+
 def num_image_tokens(width: int, height: int, dynamic_hd: int) -> int:
     """Tokens one ``<|image_n|>`` placeholder expands to: global view + separator + HD crops + newlines."""
     size, patch, comp = PHI4MM.crop_size, PHI4MM.patch_size, PHI4MM.token_compression
-    cols, rows = crop_grid(width, height, dynamic_hd)
-    target_w, target_h = size * cols, size * rows
-    # padding left after an aspect-preserving resize into the target grid
-    if target_w / width < target_h / height:
-        pad_w, pad_h = 0, target_h - int(height * (target_w / width))
-    else:
-        pad_w, pad_h = target_w - int(width * (target_h / height)), 0
+    (target_w, target_h), (new_w, new_h) = fitted_size(width, height, dynamic_hd)
+    pad_w, pad_h = target_w - new_w, target_h - new_h  # padding left after the aspect-preserving resize
     feat_w, feat_h = target_w // patch, target_h // patch
     if pad_w >= patch:
         feat_w -= pad_w // patch

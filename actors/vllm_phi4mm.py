@@ -29,9 +29,6 @@ from vllm.multimodal.parse import DictEmbeddingItems, MultiModalDataParser
 from actors.features import crops_from_canvas
 from schemas.model import PHI4MM
 
-IMAGE_FIELDS = ("image_canvas", "image_attention_mask", "image_sizes", "num_img_tokens")
-AUDIO_FIELDS = ("input_audio_embeds", "audio_with_images")
-
 
 def _image_field_config(data: Mapping[str, object]) -> dict[str, MultiModalFieldConfig]:
     return dict(
@@ -54,12 +51,12 @@ class PreparedDataParser(MultiModalDataParser):
 
     def _parse_image_data(self, data):
         if isinstance(data, dict) and "image_canvas" in data:
-            return DictEmbeddingItems(data, "image", set(IMAGE_FIELDS), _image_field_config)
+            return DictEmbeddingItems(data, "image", set(_image_field_config(data)), _image_field_config)
         return super()._parse_image_data(data)
 
     def _parse_audio_data(self, data):
         if isinstance(data, dict) and "input_audio_embeds" in data:
-            return DictEmbeddingItems(data, "audio", set(AUDIO_FIELDS), _audio_field_config)
+            return DictEmbeddingItems(data, "audio", set(_audio_field_config(data)), _audio_field_config)
         return super()._parse_audio_data(data)
 
 

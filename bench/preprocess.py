@@ -110,9 +110,10 @@ def _audio_seconds(data: bytes) -> float:
 
 def cpu_stage_workloads(inputs) -> dict[str, tuple]:
     """name -> (call, units per call, unit) for the CPU stage's throughput figures."""
-    from actors.features import fitted_size, image_canvas, log_mel
+    from actors.features import image_canvas, log_mel
     from actors.media import decode_audio, decode_image
     from actors.preprocess import prepared_audio, prepared_image
+    from actors.tokens import fitted_size
 
     jpeg = inputs["jpeg_1080p"]
     picture = decode_image(jpeg, "bench", NO_LIMIT).image

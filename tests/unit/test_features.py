@@ -17,12 +17,11 @@ from PIL import Image
 from actors.features import (
     crop_masks,
     crops_from_canvas,
-    fitted_size,
     image_canvas,
     log_mel,
     tokens_from_masks,
 )
-from actors.tokens import num_audio_frames, num_image_tokens
+from actors.tokens import fitted_size, num_audio_frames, num_image_tokens
 from schemas.rows import ErrorCode, RowError
 from tests.helpers import MEDIA, REPO
 

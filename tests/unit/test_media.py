@@ -58,9 +58,10 @@ def test_missing_file_and_http_are_media_not_found(tmp_path):
 def test_decode_sample_images():
     cat = decode_image((MEDIA / "cat.jpg").read_bytes(), "cat", 10**8)
     assert (cat.width, cat.height) == (320, 213)
-    assert len(cat.rgb) == 320 * 213 * 3
+    assert cat.image.mode == "RGB" and np.asarray(cat.image).shape == (213, 320, 3)
     logo = decode_image((MEDIA / "logo.png").read_bytes(), "logo", 10**8)  # RGBA -> RGB on white
-    arr = np.frombuffer(logo.rgb, np.uint8).reshape(logo.height, logo.width, 3)
+    arr = np.asarray(logo.image)
+    assert arr.shape == (logo.height, logo.width, 3)
     assert arr[0, 0].tolist() == [255, 255, 255]
 
 
@@ -75,7 +76,8 @@ def test_exif_orientation_is_applied():
 def test_sixteen_bit_and_palette_images_become_rgb():
     grey16 = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
     d = decode_image(_png(grey16), "g16", 10**8)
-    arr = np.frombuffer(d.rgb, np.uint8)
+    arr = np.asarray(d.image)
+    assert d.image.mode == "RGB"
     assert arr.max() == 255 and arr.min() == 0  # scaled, not clipped to a white image
     pal = Image.new("P", (8, 8))
     assert decode_image(_png(pal), "pal", 10**8).width == 8
