@@ -26,14 +26,14 @@ class AttemptLedger(Protocol):
     def finish(self, ids: list[str]) -> None:
         """Record that these rows came back from the engine (with a result or a per-row error)."""
 
-    def report(self, actor: str, stats: dict) -> None:
-        """Latest engine statistics of one GPU actor."""
+    def report(self, stage: str, actor: str, stats: dict) -> None:
+        """Latest statistics of one actor of a stage ('preprocess' or 'generate')."""
 
 
 class LocalAttemptLedger:
     def __init__(self):
         self._unfinished: Counter = Counter()
-        self._stats: dict[str, dict] = {}
+        self._stats: dict[str, dict[str, dict]] = {}
         self._lock = threading.Lock()
 
     def attempts(self, ids: list[str]) -> list[int]:
@@ -49,10 +49,11 @@ class LocalAttemptLedger:
             for i in ids:
                 self._unfinished.pop(i, None)
 
-    def report(self, actor: str, stats: dict) -> None:
+    def report(self, stage: str, actor: str, stats: dict) -> None:
         with self._lock:
-            self._stats[actor] = stats
+            self._stats.setdefault(stage, {})[actor] = stats
 
-    def engine_stats(self) -> dict[str, dict]:
+    def actor_stats(self) -> dict[str, dict[str, dict]]:
+        """{stage: {actor: its latest statistics}}."""
         with self._lock:
-            return dict(self._stats)
+            return {stage: dict(actors) for stage, actors in self._stats.items()}

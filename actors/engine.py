@@ -147,7 +147,6 @@ class Phi4MMEngine:
     def __init__(self, config: JobConfig):
         from vllm import LLM
         from vllm.lora.request import LoRARequest
-        from vllm.platforms import current_platform
 
         self.config = config
         started = time.perf_counter()
@@ -158,14 +157,10 @@ class Phi4MMEngine:
             for lora_id, adapter in enumerate(("vision", "speech"), start=1):
                 path = str(Path(config.model.path) / PHI4MM.adapter_dir(adapter))
                 self.lora_requests[adapter] = LoRARequest(f"phi4mm-{adapter}", lora_id, path)
-        # vLLM's CPU LoRA ops index the stacked adapter weights with the row's slot, and a row without an
-        # adapter has slot -1, which torch reads as the *last* adapter: on the CPU a base (text) row that
-        # shares a step with adapter rows is silently computed with an adapter. There, base and adapter
-        # requests never share a step (the loop's exclusive groups); GPU kernels skip slot -1.
-        self.split_base_rows = config.model.use_lora and current_platform.is_cpu()
-        self.loop = EngineLoop(self.llm.llm_engine, exclusive_groups=self.split_base_rows)
+        self.loop = EngineLoop(self.llm.llm_engine)
         self._warm_up()
         self.startup_s = time.perf_counter() - started
+        self.ready_at = time.time()  # wall clock, so a run can tell when its engines came up
         logger.info("vLLM engine ready in %.1f s", self.startup_s)
 
     def _warm_up(self) -> None:
@@ -199,8 +194,7 @@ class Phi4MMEngine:
                 futures.append(e)
                 continue
             lora = self.lora_requests.get(r.adapter) if r.adapter else None
-            group = "base" if lora is None else "lora"
-            futures.append(self.loop.submit(engine_prompt(r), params, lora, group=group, alone=r.alone))
+            futures.append(self.loop.submit(engine_prompt(r), params, lora, alone=r.alone))
         return [self._result(f) for f in futures]
 
     @staticmethod
@@ -223,5 +217,6 @@ class Phi4MMEngine:
 
     def stats(self) -> dict:
         s = self.loop.stats
-        return {"startup_s": round(self.startup_s, 2), "requests": s.requests, "rejected": s.rejected,
-                "steps": s.steps, "busy_s": round(s.busy_s, 2), "max_in_flight": s.max_in_flight}  # fmt: skip
+        return {"startup_s": round(self.startup_s, 2), "ready_at": round(self.ready_at, 3),
+                "requests": s.requests, "rejected": s.rejected, "steps": s.steps, "busy_s": round(s.busy_s, 2),
+                "max_in_flight": s.max_in_flight}  # fmt: skip

@@ -27,7 +27,6 @@ class Submission:
     prompt: dict
     params: object
     lora_request: object | None
-    group: str  # requests of different groups never share an engine step when groups are exclusive
     alone: bool = False  # runs with nothing else in the engine (a row suspected of crashing it)
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
@@ -44,14 +43,8 @@ class LoopStats:
 
 
 class EngineLoop:
-    def __init__(
-        self,
-        engine,
-        exclusive_groups: bool = False,
-        on_engine_death: Callable[[BaseException], None] | None = None,
-    ):
+    def __init__(self, engine, on_engine_death: Callable[[BaseException], None] | None = None):
         self.engine = engine
-        self.exclusive_groups = exclusive_groups
         self.on_engine_death = on_engine_death or _exit_process
         self.stats = LoopStats()
         self._ids = itertools.count()
@@ -62,8 +55,8 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: dict, params, lora_request=None, group: str = "", alone: bool = False) -> Future:
-        sub = Submission(prompt, params, lora_request, group, alone)
+    def submit(self, prompt: dict, params, lora_request=None, alone: bool = False) -> Future:
+        sub = Submission(prompt, params, lora_request, alone)
         with self._lock:
             self._waiting.append(sub)
         self._wake.set()
@@ -74,9 +67,6 @@ class EngineLoop:
             if not self._waiting:
                 return None
             sub = self._waiting[0]
-            running_groups = {s.group for s in self._running.values()}
-            if self.exclusive_groups and running_groups and sub.group not in running_groups:
-                return None  # wait for the other group to drain; FIFO, so neither starves
             if self._running and (sub.alone or any(s.alone for s in self._running.values())):
                 return None
             return self._waiting.popleft()

@@ -146,7 +146,7 @@ class GenerateRows:
             self._run([i], prepared, rows, alone=True)
         if normal:
             self._run(normal, prepared, rows, alone=False)
-        self.ledger.report(self.actor_key, self.engine.stats())
+        self.ledger.report("generate", self.actor_key, self.engine.stats())
         return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
     def _run(self, indices: list[int], prepared: list[dict], rows: list[dict], alone: bool) -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 
 import pyarrow as pa
 
+from actors.attempts import AttemptLedger
 from actors.chunks import chunk_waveform
 from actors.features import image_canvas, log_mel
 from actors.media import (
@@ -81,8 +84,16 @@ def prepared_audio(clip, with_images: bool = False) -> dict:
 class PreprocessRows:
     """Decode media, build the Phi-4-mm prompt, count its tokens and check the budget, row by row."""
 
-    def __init__(self, config: JobConfig, tokenizer_factory: Callable[[JobConfig], object] = load_tokenizer):
+    def __init__(
+        self,
+        config: JobConfig,
+        tokenizer_factory: Callable[[JobConfig], object] = load_tokenizer,
+        ledger: AttemptLedger | None = None,
+    ):
         self.config = config
+        self.ledger = ledger  # where this actor reports its work, so the run can tell an idle CPU pool
+        self.actor_key = f"{socket.gethostname()}:{os.getpid()}"
+        self.stats = {"batches": 0, "rows": 0, "busy_s": 0.0}
         self.columns = config.input.columns
         self.source = MediaSource(
             media_root=config.input.media_root or default_media_root(config.input.path),
@@ -91,8 +102,17 @@ class PreprocessRows:
         self.counter = PromptTokenCounter(tokenizer_factory(config))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         rows = [self.prepare(row) for row in batch.to_pylist()]
-        return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
+        out = pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(rows)
+        self.stats["busy_s"] += time.perf_counter() - started
+        if self.ledger is not None:
+            self.ledger.report(
+                "preprocess", self.actor_key, {**self.stats, "busy_s": round(self.stats["busy_s"], 2)}
+            )
+        return out
 
     def prepare(self, row: dict) -> dict:
         """One input row -> one prepared row; every failure becomes an error row with a stable code."""

@@ -1,4 +1,5 @@
-"""vLLM general plugin: registers ``Phi4MMPreparedForCausalLM`` (``actors.vllm_phi4mm``) with vLLM.
+"""vLLM general plugin: registers ``Phi4MMPreparedForCausalLM`` (``actors.vllm_phi4mm``) with vLLM and, on
+the CPU backend, fixes its LoRA ops for rows without an adapter (``actors.vllm_cpu_lora``).
 
 vLLM calls ``register`` in every process it starts (entry point ``vllm.general_plugins`` in
 pyproject.toml), which multi-process executors need; ``Phi4MMEngine`` also calls it before building its
@@ -12,6 +13,11 @@ PREPARED_ARCHITECTURE = "Phi4MMPreparedForCausalLM"
 
 def register() -> None:
     from vllm import ModelRegistry
+    from vllm.platforms import current_platform
 
     if PREPARED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(PREPARED_ARCHITECTURE, f"actors.vllm_phi4mm:{PREPARED_ARCHITECTURE}")
+    if current_platform.is_cpu():
+        from actors.vllm_cpu_lora import patch_cpu_lora_ops
+
+        patch_cpu_lora_ops()

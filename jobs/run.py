@@ -88,6 +88,10 @@ def format_summary(summary: dict) -> str:
             f"  engine {actor:<20} start {engine['startup_s']} s, {engine['requests']} requests, "
             f"busy {engine['busy_s']} s, up to {engine['max_in_flight']} in flight"
         )
+    cpu = summary.get("cpu_actors", {})
+    if cpu:
+        rows = sorted(s["rows"] for s in cpu.values())
+        lines.append(f"  cpu actors       {len(cpu)} worked, rows per actor {rows[0]}..{rows[-1]}")
     audit = summary["audit"]
     verdict = "ok" if audit["ok"] else "FAILED"
     lines += [

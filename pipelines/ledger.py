@@ -13,7 +13,7 @@ class _LedgerActor(LocalAttemptLedger):
 
 
 class RayAttemptLedger:
-    """Picklable client: GPU actors get this object and reach the run's ledger actor by name."""
+    """Picklable client: actors get this object and reach the run's ledger actor by name."""
 
     def __init__(self, run_id: str):
         self.name = f"phi4mm-batch-attempts-{run_id}"
@@ -41,11 +41,11 @@ class RayAttemptLedger:
     def finish(self, ids: list[str]) -> None:
         ray.get(self.handle.finish.remote(ids))
 
-    def report(self, actor: str, stats: dict) -> None:
-        self.handle.report.remote(actor, stats)
+    def report(self, stage: str, actor: str, stats: dict) -> None:
+        self.handle.report.remote(stage, actor, stats)
 
-    def engine_stats(self) -> dict[str, dict]:
-        return ray.get(self.handle.engine_stats.remote())
+    def actor_stats(self) -> dict[str, dict[str, dict]]:
+        return ray.get(self.handle.actor_stats.remote())
 
     def close(self) -> None:
         ray.kill(self.handle)

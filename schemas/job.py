@@ -194,6 +194,14 @@ class EngineConfig(_Strict):
         "uni", description="vLLM executor; 'uni' keeps the engine in the actor's own process (fastest start)."
     )
     seed: int = Field(0, description="Engine seed.")
+    compile_cache_dir: str | None = Field(
+        None,
+        description=(
+            "Directory for vLLM's compile caches (torch.compile, Triton, Inductor, FlashInfer). Put it on a "
+            "path every GPU node shares (e.g. NFS) so later actors and runs start warm; default: vLLM's "
+            "per-user caches on each node."
+        ),
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Environment variables for the GPU actors (e.g. VLLM_CPU_KVCACHE_SPACE).",
@@ -335,6 +343,7 @@ class JobConfig(_Strict):
             ("output", "path"),
             ("model", "path"),
             ("input", "media_root"),
+            ("engine", "compile_cache_dir"),
         ):
             value = (raw.get(section) or {}).get(key)
             if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():

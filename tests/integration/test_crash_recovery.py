@@ -42,7 +42,9 @@ def test_a_gpu_actor_killed_mid_run_loses_and_duplicates_nothing(local_ray, tiny
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
-                stats = ray.get(ray.get_actor("phi4mm-batch-attempts-killed").engine_stats.remote())
+                stats = ray.get(ray.get_actor("phi4mm-batch-attempts-killed").actor_stats.remote()).get(
+                    "generate", {}
+                )
             except ValueError:  # the ledger does not exist yet
                 stats = {}
             if stats:

@@ -66,17 +66,6 @@ def test_a_rejected_request_fails_alone():
     assert loop.stats.rejected == 1
 
 
-def test_exclusive_groups_never_share_a_step():
-    engine = ScriptedEngine()
-    loop = EngineLoop(engine, exclusive_groups=True)
-    futures = [loop.submit({"steps": 3}, None, lora, group="base" if lora is None else "lora")
-               for lora in [None, "v", None, "s", "v", None]]  # fmt: skip
-    for f in futures:
-        f.result(timeout=5)
-    assert all(groups <= {None} or None not in groups for groups in engine.groups_per_step)
-    assert {None} in engine.groups_per_step and any(None not in g for g in engine.groups_per_step)
-
-
 def test_engine_death_is_reported():
     engine = ScriptedEngine()
     engine.die_at_step = 2

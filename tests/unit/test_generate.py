@@ -160,7 +160,7 @@ class CrashLedger:
     def finish(self, ids):
         self.inner.finish(ids)
 
-    def report(self, actor, stats):
+    def report(self, stage, actor, stats):
         self.stats = stats
 
 
