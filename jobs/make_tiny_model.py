@@ -1,6 +1,10 @@
 """Write a tiny Phi-4-multimodal checkpoint in the original layout, for tests and the demo.
 
     python -m jobs.make_tiny_model OUT_DIR [--dynamic-hd N] [--lora-rank R]
+    python -m jobs.make_tiny_model OUT_DIR --full-size [--dynamic-hd N] [--no-lora-weights]
+
+``--full-size`` writes the released model's architecture instead (``jobs/full_size_model.py``), for
+dummy-weight runs on a GPU; the tokenizer, processor config and remote code below are shared with it.
 
 What it writes (no model weights: load it with vLLM's ``load_format="dummy"``):
 - ``config.json`` for vLLM's ``Phi4MMForCausalLM`` with a 2-layer, 64-wide language model and a 2-block
@@ -32,6 +36,12 @@ KV_HEADS = 1
 HEAD_DIM = HIDDEN // HEADS
 AUDIO_DIM = 64
 
+# config.json's auto_map: this project's config/processor code, copied into every checkpoint it writes.
+REMOTE_CODE_AUTO_MAP: dict[str, str] = {
+    "AutoConfig": "configuration_phi4mm_tiny.Phi4MMTinyConfig",
+    "AutoProcessor": "processing_phi4mm_tiny.Phi4MMTinyProcessor",
+}
+
 SPECIAL_TOKENS: dict[int, str] = {
     199999: "<|endoftext|>",
     PHI4MM.image_token_id: "<|endoftext10|>",
@@ -53,7 +63,8 @@ WORDS = (
 ).split()
 
 
-def _write_tokenizer(out: Path) -> None:
+def write_tokenizer(out: Path) -> None:
+    """A word-level tokenizer with the model's special tokens at their real ids (not the real vocabulary)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -107,10 +118,7 @@ def _model_config() -> dict:
     return {
         "architectures": [PHI4MM.architecture],
         "model_type": "phi4mm",
-        "auto_map": {
-            "AutoConfig": "configuration_phi4mm_tiny.Phi4MMTinyConfig",
-            "AutoProcessor": "processing_phi4mm_tiny.Phi4MMTinyProcessor",
-        },
+        "auto_map": REMOTE_CODE_AUTO_MAP,
         "vocab_size": VOCAB_SIZE,
         "hidden_size": HIDDEN,
         "intermediate_size": INTERMEDIATE,
@@ -180,16 +188,15 @@ def _write_lora(out: Path, rank: int, seed: int) -> None:
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=1))
 
 
-def write_tiny_checkpoint(out_dir: str | Path, dynamic_hd: int = 1, lora_rank: int = 8) -> Path:
-    """Write the checkpoint into ``out_dir`` (created if missing) and return its path."""
-    out = Path(out_dir)
+def write_shared_files(out: Path, dynamic_hd: int) -> None:
+    """What the tiny and the full-size checkpoints share: remote code, tokenizer, processor and generation
+    configs."""
     out.mkdir(parents=True, exist_ok=True)
     for code in (Path(__file__).parent / "tiny_model").glob("*_phi4mm_tiny.py"):
         shutil.copy(code, out / code.name)
-    _write_tokenizer(out)
-    (out / "config.json").write_text(json.dumps(_model_config(), indent=1))
+    write_tokenizer(out)
     processor_config = {
-        "auto_map": {"AutoProcessor": "processing_phi4mm_tiny.Phi4MMTinyProcessor"},
+        "auto_map": {"AutoProcessor": REMOTE_CODE_AUTO_MAP["AutoProcessor"]},
         "dynamic_hd": dynamic_hd,
         "audio_sampling_rate": PHI4MM.audio_sample_rate,
         "audio_compression_rate": PHI4MM.audio_compression_rate,
@@ -197,6 +204,13 @@ def write_tiny_checkpoint(out_dir: str | Path, dynamic_hd: int = 1, lora_rank: i
     (out / "processor_config.json").write_text(json.dumps(processor_config, indent=1))
     generation_config = {"bos_token_id": 199999, "eos_token_id": [199999, 200020], "pad_token_id": 199999}
     (out / "generation_config.json").write_text(json.dumps(generation_config, indent=1))
+
+
+def write_tiny_checkpoint(out_dir: str | Path, dynamic_hd: int = 1, lora_rank: int = 8) -> Path:
+    """Write the checkpoint into ``out_dir`` (created if missing) and return its path."""
+    out = Path(out_dir)
+    write_shared_files(out, dynamic_hd)
+    (out / "config.json").write_text(json.dumps(_model_config(), indent=1))
     _write_lora(out / PHI4MM.vision_lora_dir, lora_rank, seed=1)
     _write_lora(out / PHI4MM.speech_lora_dir, lora_rank, seed=2)
     return out
@@ -206,12 +220,37 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="Directory to write the checkpoint into.")
     parser.add_argument(
-        "--dynamic-hd", type=int, default=1, help="Max HD crops per image (default 1: fast on CPU)."
+        "--full-size",
+        action="store_true",
+        help="Write the released Phi-4-multimodal architecture (for load_format=dummy on a GPU).",
     )
-    parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the random LoRA adapters.")
+    parser.add_argument(
+        "--dynamic-hd",
+        type=int,
+        default=None,
+        help=f"Max HD crops per image (default 1, fast on CPU; --full-size: {PHI4MM.default_dynamic_hd}).",
+    )
+    parser.add_argument("--lora-rank", type=int, default=None, help="Rank of the tiny model's LoRA adapters.")
+    parser.add_argument(
+        "--no-lora-weights",
+        action="store_true",
+        help="--full-size only: write the adapters' adapter_config.json but not their ~1.6 GB of weights.",
+    )
     args = parser.parse_args(argv)
-    out = write_tiny_checkpoint(args.out_dir, args.dynamic_hd, args.lora_rank)
-    print(f"wrote tiny Phi-4-multimodal checkpoint to {out} (dynamic_hd={args.dynamic_hd})")
+    if args.full_size:
+        if args.lora_rank is not None:
+            parser.error("--lora-rank is the tiny model's: the full-size adapters have the released ranks")
+        from jobs.full_size_model import write_full_size_checkpoint
+
+        dynamic_hd = PHI4MM.default_dynamic_hd if args.dynamic_hd is None else args.dynamic_hd
+        out = write_full_size_checkpoint(args.out_dir, dynamic_hd, lora_weights=not args.no_lora_weights)
+        print(f"wrote full-size Phi-4-multimodal checkpoint to {out} (dynamic_hd={dynamic_hd})")
+        return
+    if args.no_lora_weights:
+        parser.error("--no-lora-weights goes with --full-size (the tiny adapters are a few kB)")
+    dynamic_hd = 1 if args.dynamic_hd is None else args.dynamic_hd
+    out = write_tiny_checkpoint(args.out_dir, dynamic_hd, 8 if args.lora_rank is None else args.lora_rank)
+    print(f"wrote tiny Phi-4-multimodal checkpoint to {out} (dynamic_hd={dynamic_hd})")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ class Phi4MMTinyConfig(PretrainedConfig):
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         rope_parameters=None,
+        rope_scaling=None,
+        original_max_position_embeddings=None,
         partial_rotary_factor=1.0,
         tie_word_embeddings=True,
         embd_layer=None,
@@ -46,7 +48,13 @@ class Phi4MMTinyConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
-        self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": rope_theta}
+        # The released config.json has the legacy `rope_scaling` (LongRoPE) and no `rope_parameters`.
+        default_rope = {"rope_type": "default", "rope_theta": rope_theta}
+        self.rope_parameters = rope_parameters or rope_scaling or default_rope
+        if original_max_position_embeddings is not None:
+            # Set before PretrainedConfig.__init__, whose RoPE standardisation copies it into rope_parameters
+            # (vLLM's LongRoPE reads it there); unset, it would copy max_position_embeddings instead.
+            self.original_max_position_embeddings = original_max_position_embeddings
         self.partial_rotary_factor = partial_rotary_factor
         self.embd_layer = embd_layer or {}
         # None => vLLM assumes "siglip-so400m-patch14-448" geometry

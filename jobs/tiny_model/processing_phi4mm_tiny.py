@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers import BatchFeature, PreTrainedTokenizerFast, ProcessorMixin
 
 VIT_SIZE = 448
 VIT_PATCH = 14
@@ -212,7 +212,9 @@ class Phi4MMTinyProcessor(ProcessorMixin):
         cfg_file = os.path.join(path, "processor_config.json")
         cfg = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            # Not AutoTokenizer: it reads config.json without remote code, and transformers' generic config
+            # cannot parse the full-size checkpoint's LongRoPE settings. The tokenizer is always this class.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         ip = Phi4MMTinyImageProcessor(dynamic_hd=dynamic_hd or cfg.get("dynamic_hd", 1))
         ap = Phi4MMTinyAudioProcessor(
             sampling_rate=cfg.get("audio_sampling_rate", 16000),
