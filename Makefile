@@ -42,8 +42,10 @@ lint: .venv/.ready
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 bench: .venv/.ready
+	$(PIP) install -q -e '.[bench]'
 	$(PY) -m bench.preprocess --engine
 	$(PY) -m bench.engine
+	$(PY) -m bench.gpu --profile cpu
 
 clean:
 	rm -rf $(CACHE) out .pytest_cache

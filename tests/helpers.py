@@ -40,3 +40,19 @@ def make_config(tiny_model: str, tmp_path: Path, **sections):
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return JobConfig.model_validate(raw)
+
+
+def assert_adapters_apply_per_row_in_shared_steps(engine, max_steps: int) -> None:
+    """Base, vision and speech rows give three different answers, and the same rows mixed in one batch
+    give each its own answer again while sharing engine steps: at most ``max_steps`` for the batch (run
+    apart, base and adapter rows would need twice the steps). On the CPU this needs the fix of vLLM's LoRA
+    ops for adapter-less rows (actors.vllm_cpu_lora); GPU kernels skip them."""
+    from actors.engine import EngineRequest
+
+    prompt = "<|user|>tell me about the world<|end|><|assistant|>"
+    requests = [EngineRequest(prompt=prompt, adapter=a) for a in (None, "vision", "speech")]
+    base, vision, speech = (engine.generate([r])[0].text for r in requests)
+    assert len({base, vision, speech}) == 3
+    steps = engine.loop.stats.steps
+    assert [r.text for r in engine.generate(requests * 2)] == [base, vision, speech] * 2
+    assert engine.loop.stats.steps - steps <= max_steps

@@ -16,7 +16,7 @@ from actors.engine import EngineRequest, engine_prompt
 from actors.generate import GenerateRows
 from actors.preprocess import PreprocessRows
 from schemas.rows import MEDIA_STRUCT
-from tests.helpers import MEDIA, make_config
+from tests.helpers import MEDIA, assert_adapters_apply_per_row_in_shared_steps, make_config
 
 DYNAMIC_HD = 2
 
@@ -86,17 +86,8 @@ def test_prompt_tokens_equal_vllm_prompt_token_ids(config, generate):
     assert all(r["completion_tokens"] == 6 and r["finish_reason"] == "length" for r in out)
 
 
-def test_adapters_change_the_computation_and_mixed_batches_match_single_requests(generate):
-    engine = generate.engine
-    prompt = "<|user|>tell me about the world<|end|><|assistant|>"
-    requests = [EngineRequest(prompt=prompt, adapter=a) for a in (None, "vision", "speech")]
-    base, vision, speech = (engine.generate([r])[0].text for r in requests)
-    assert len({base, vision, speech}) == 3
-    # In one batch (one engine step) each row must still get exactly its own adapter or none: on the CPU
-    # this needs the fix of vLLM's LoRA ops for adapter-less rows (actors.vllm_cpu_lora).
-    steps = engine.loop.stats.steps
-    assert [r.text for r in engine.generate(requests * 2)] == [base, vision, speech] * 2
-    assert engine.loop.stats.steps - steps <= 6  # 6 tokens each: all six rows shared every step
+def test_adapters_change_the_computation_and_mixed_batches_match_single_requests(config, generate):
+    assert_adapters_apply_per_row_in_shared_steps(generate.engine, max_steps=config.sampling.max_tokens)
 
 
 def test_a_rejected_request_does_not_sink_its_neighbours(generate):

@@ -43,3 +43,29 @@ def test_bad_pool_sizes_are_refused(concurrency):
 
     with pytest.raises(ValueError, match="min <= max"):
         StageResources(concurrency=concurrency)
+
+
+def test_gpu_actors_get_the_compile_cache_and_the_engine_env(tmp_path):
+    from pipelines.phi4mm import build_stages
+    from tests.helpers import make_config
+
+    config = make_config(
+        "/models/x", tmp_path, engine={"compile_cache_dir": "/shared/cache", "env": {"X": "1"}}
+    )
+    pre, gen = build_stages(config, run_id="r")
+    assert gen.env["VLLM_CACHE_ROOT"] == "/shared/cache/vllm"
+    assert gen.env["TRITON_CACHE_DIR"] == "/shared/cache/triton"
+    assert gen.env["TORCHINDUCTOR_CACHE_DIR"] == "/shared/cache/inductor"
+    assert gen.env["X"] == "1" and gen.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # executor uni
+    assert pre.env == {}
+    without = build_stages(make_config("/models/x", tmp_path), run_id="r")[1]
+    assert not any(k.endswith("CACHE_DIR") or k == "VLLM_CACHE_ROOT" for k in without.env)
+
+
+def test_a_relative_compile_cache_dir_resolves_against_the_yaml(tmp_path):
+    from schemas.job import JobConfig
+
+    (tmp_path / "job.yaml").write_text(
+        "input: {path: in.parquet}\noutput: {path: out}\nmodel: {path: m}\nengine: {compile_cache_dir: cache}\n"
+    )
+    assert JobConfig.from_yaml(tmp_path / "job.yaml").engine.compile_cache_dir == str(tmp_path / "cache")
