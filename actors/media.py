@@ -6,8 +6,12 @@ them into error rows.
 Accepted cell forms for an image or audio column (one item, or a list of items for several per row):
 - ``{"bytes": b"...", "path": "x.jpg"}``: Hugging Face datasets' storage type; bytes win over path;
 - raw ``bytes``;
-- a path string: absolute, relative to ``media_root``, or an fsspec URL (``s3://``, ``gs://``, ``file://``;
-  ``http(s)://`` only when allowed).
+- a path string: relative to ``media_root``, absolute, or a URL (``s3://``, ``gs://``, ``file://``;
+  ``http(s)://`` only when allowed), within the trust boundary of ``actors.media_policy``.
+
+Work per item is bounded before it is done: encoded bytes by ``max_media_bytes`` (a bounded read), decoded
+images by pixels and by pixels x bytes per pixel, decoded audio by frames x channels, all read from the
+header before decoding.
 """
 
 from __future__ import annotations
@@ -20,16 +24,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from actors.media_policy import MediaSource, check_media_size, read_media_path, scheme_of
 from schemas.model import PHI4MM
 from schemas.rows import ErrorCode, RowError
-
-
-@dataclass(frozen=True)
-class MediaSource:
-    """Where media bytes come from, with the settings that govern fetching them."""
-
-    media_root: str | None = None
-    allow_http: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,29 +91,29 @@ def _is_empty(item) -> bool:
 
 
 def load_bytes(item, source: MediaSource, kind: str) -> tuple[bytes, str]:
-    """Return (bytes, a short description of where they came from) for one media item."""
+    """Return (bytes, a short description of where they came from) for one media item, at most
+    ``source.max_bytes`` of them; a path is read only within the trust boundary (``actors.media_policy``)."""
     if isinstance(item, dict):
         if item.get("bytes") is not None:
-            return bytes(item["bytes"]), item.get("path") or "<bytes>"
+            data, where = bytes(item["bytes"]), item.get("path") or "<bytes>"
+            check_media_size(len(data), source.max_bytes, kind, where)  # the path is a label, never read
+            return data, where
         item = item.get("path")
     if isinstance(item, (bytes, bytearray, memoryview)):
+        check_media_size(len(item), source.max_bytes, kind, "<bytes>")
         return bytes(item), "<bytes>"
     if isinstance(item, str):
-        return _read_path(item, source, kind), item
+        return read_media_path(item, source, kind), item
     raise RowError(
         ErrorCode.INVALID_INPUT,
         f"{kind} cell of type {type(item).__name__} is not media: expected struct<bytes, path>, binary or a path string.",
     )
 
 
-def _scheme(path: str) -> str:
-    return path.split("://", 1)[0].lower() if "://" in path else ""
-
-
 def default_media_root(input_path: str) -> str:
     """Where relative media paths start when input.media_root is unset: the input's directory, as
     Hugging Face datasets resolves them."""
-    if _scheme(input_path):
+    if scheme_of(input_path):
         return (
             input_path
             if input_path.endswith("/") or not input_path.endswith(".parquet")
@@ -125,48 +122,24 @@ def default_media_root(input_path: str) -> str:
     return input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
 
 
-def _read_path(path: str, source: MediaSource, kind: str) -> bytes:
-    if not _scheme(path) and not os.path.isabs(path) and source.media_root:
-        root = source.media_root
-        path = f"{root.rstrip('/')}/{path}" if _scheme(root) else os.path.join(root, path)
-    scheme = _scheme(path)
-    if scheme in ("http", "https") and not source.allow_http:
-        raise RowError(
-            ErrorCode.MEDIA_NOT_FOUND,
-            f"{kind} path {path!r} is an http(s) URL and fetching over HTTP is off. "
-            "Try setting input.allow_http: true, or store the bytes in the column.",
-        )
-    try:
-        if scheme:
-            import fsspec
-
-            with fsspec.open(path, "rb") as f:
-                return f.read()
-        with open(path, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        raise RowError(
-            ErrorCode.MEDIA_NOT_FOUND,
-            f"{kind} file {path!r} could not be read ({type(e).__name__}). "
-            "Check the path, or set input.media_root to the directory relative paths start from.",
-        ) from e
-    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte, a malformed URL
-        raise RowError(ErrorCode.MEDIA_NOT_FOUND, f"{kind} path {path!r} could not be read: {e}.") from e
-
-
 def decode_image(
-    data: bytes, where: str, max_pixels: int, reduce_to: Callable[[int, int], tuple[int, int]] | None = None
+    data: bytes,
+    where: str,
+    max_pixels: int,
+    reduce_to: Callable[[int, int], tuple[int, int]] | None = None,
+    max_bytes: int | None = None,
 ) -> DecodedImage:
     """Decode to RGB: first frame of animations, EXIF orientation applied, alpha composited on white.
 
     ``reduce_to(width, height)``, given the picture's oriented size, names the smallest size it will be
-    used at; a JPEG is then decoded at the largest 1/2, 1/4 or 1/8 scale that still covers it."""
+    used at; a JPEG is then decoded at the largest 1/2, 1/4 or 1/8 scale that still covers it.
+    ``max_bytes`` caps the decoded size, pixels x bytes per pixel (``image_bytes_per_pixel``)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise RowError(ErrorCode.IMAGE_DECODE_ERROR, f"image {where} is empty (0 bytes).")
     try:
-        # Header only: the pixel count is known before any pixel is decoded.
+        # Header only: the pixel count and sample size are known before any pixel is decoded.
         img = Image.open(io.BytesIO(data))
         width, height = img.size
         if width * height > max_pixels:
@@ -174,6 +147,15 @@ def decode_image(
                 ErrorCode.IMAGE_TOO_LARGE,
                 f"image {where} is {width}x{height} = {width * height:,} pixels, over media.max_image_pixels "
                 f"({max_pixels:,}). Downscale it, or raise media.max_image_pixels if it is trusted.",
+            )
+        per_pixel = image_bytes_per_pixel(img)
+        if max_bytes is not None and width * height * per_pixel > max_bytes:
+            raise RowError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"image {where} decodes to {width}x{height} pixels x {per_pixel} bytes ({img.mode}) = "
+                f"{width * height * per_pixel:,} bytes, over media.max_image_bytes ({max_bytes:,}). "
+                "Try downscaling it or saving it at 8 bits per sample, or raise media.max_image_bytes if "
+                "it is trusted.",
             )
         full, scale = None, 1
         if reduce_to is not None and img.format == "JPEG" and width >= 2 and height >= 2:
@@ -207,6 +189,27 @@ def decode_image(
     return DecodedImage(image=img, digest=digest)
 
 
+def image_bytes_per_pixel(img) -> int:
+    """Bytes one decoded pixel takes, from the header: the mode's bands x the larger of the mode's and the
+    file's bytes per sample. Pillow keeps a 16-bit RGBA PNG as 8-bit RGBA, but inflates and unfilters it
+    at 16 bits (raw mode ``RGBA;16B``): counting the file's 8 bytes per pixel bounds that work too."""
+    from PIL import ImageMode
+
+    try:
+        mode = ImageMode.getmode(img.mode)
+    except KeyError:  # a mode Pillow cannot describe: count as the widest, 4 samples of 4 bytes
+        return 16
+    sample = int(mode.typestr[-1])  # numpy typestr: '|u1' -> 1, '<u2' -> 2, '<i4' -> 4
+    tile = img.tile[0] if getattr(img, "tile", None) else None
+    args = getattr(tile, "args", None)
+    raw = args if isinstance(args, str) else next((a for a in args or () if isinstance(a, str)), "")
+    if ";16" in raw:
+        sample = max(sample, 2)
+    elif ";32" in raw:
+        sample = max(sample, 4)
+    return len(mode.bands) * sample
+
+
 def _to_rgb(img):
     from PIL import Image
 
@@ -225,8 +228,13 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def decode_audio(data: bytes, where: str, min_seconds: float, max_seconds: float) -> DecodedAudio:
-    """Decode WAV/FLAC/OGG/MP3 with libsndfile, mix to mono and resample to 16 kHz with soxr."""
+def decode_audio(
+    data: bytes, where: str, min_seconds: float, max_seconds: float, max_samples: int | None = None
+) -> DecodedAudio:
+    """Decode WAV/FLAC/OGG/MP3 with libsndfile, mix to mono and resample to 16 kHz with soxr.
+
+    Duration and ``max_samples`` (frames x channels of the decoded clip) are checked from the header
+    before decoding: a small FLAC of silence at 192 kHz x 8 channels would otherwise decode to GiBs."""
     import soundfile as sf
 
     if not data:
@@ -235,6 +243,7 @@ def decode_audio(data: bytes, where: str, min_seconds: float, max_seconds: float
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate = f.samplerate
             _check_duration(f.frames / rate if rate else 0.0, where, max_seconds)
+            _check_samples(f.frames, f.channels, rate, where, max_samples)
             samples = f.read(dtype="float32", always_2d=True)
     except RowError:
         raise
@@ -247,7 +256,12 @@ def decode_audio(data: bytes, where: str, min_seconds: float, max_seconds: float
 
 
 def load_audio(
-    item, source: MediaSource, sampling_rate, min_seconds: float, max_seconds: float
+    item,
+    source: MediaSource,
+    sampling_rate,
+    min_seconds: float,
+    max_seconds: float,
+    max_samples: int | None = None,
 ) -> DecodedAudio:
     """One audio item in any accepted form: encoded bytes/path, a decoded HF datasets cell
     (``{"array": [...], "sampling_rate": 16000}``), or a float array with the row's sampling-rate column."""
@@ -267,8 +281,25 @@ def load_audio(
         rate = int(sampling_rate)
         _check_rate(rate, "array")  # before any division by it
         _check_duration(len(samples) / rate, "array", max_seconds)
+        _check_samples(len(samples), 1, rate, "array", max_samples)
         return prepare_waveform(samples, rate, "array", min_seconds)
-    return decode_audio(*load_bytes(item, source, "audio"), min_seconds, max_seconds)
+    return decode_audio(*load_bytes(item, source, "audio"), min_seconds, max_seconds, max_samples)
+
+
+def letterbox(image: DecodedImage, size: tuple[int, int]) -> DecodedImage:
+    """The picture centred on a white ``size`` canvas (its own size or larger, in the size the model
+    sees it at); a reduced-scale decode is padded at its own scale."""
+    from PIL import Image
+
+    if size == (image.width, image.height):
+        return image
+    sx, sy = image.image.size[0] / image.width, image.image.size[1] / image.height
+    canvas = Image.new("RGB", (max(1, round(size[0] * sx)), max(1, round(size[1] * sy))), (255, 255, 255))
+    canvas.paste(
+        image.image,
+        ((canvas.size[0] - image.image.size[0]) // 2, (canvas.size[1] - image.image.size[1]) // 2),
+    )
+    return replace(image, image=canvas, size=size)
 
 
 def downscale_size(image: DecodedImage, scale: float) -> tuple[int, int]:
@@ -295,6 +326,16 @@ def _check_duration(seconds: float, where: str, max_seconds: float) -> None:
             ErrorCode.AUDIO_TOO_LONG,
             f"audio {where} lasts {seconds:.1f} s, over media.max_audio_seconds ({max_seconds:g} s). "
             "Split it, try media.long_audio: chunk, or raise media.max_audio_seconds.",
+        )
+
+
+def _check_samples(frames: int, channels: int, rate: int, where: str, max_samples: int | None) -> None:
+    if max_samples is not None and frames * channels > max_samples:
+        raise RowError(
+            ErrorCode.AUDIO_TOO_LARGE,
+            f"audio {where} decodes to {frames:,} frames x {channels} channels at {rate} Hz = "
+            f"{frames * channels:,} samples, over media.max_audio_samples ({max_samples:,}). Try a mono "
+            "16 kHz export, or raise media.max_audio_samples if it is trusted.",
         )
 
 

@@ -3,6 +3,10 @@ error rows. Media leave this stage as what the model consumes (``actors.features
 
 ``PreprocessRows`` is a plain callable class: ``PreprocessRows(config)(pyarrow_table) -> pyarrow_table``.
 It never raises for a bad row and returns exactly one prepared row per input row, in order.
+
+Rows are untrusted (README, "Security: rows are untrusted"): media paths stay inside the trust boundary
+(``actors.media_policy``), media sizes are capped before decoding (``actors.media``), and each row has a
+time limit (``RowTimer``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -27,11 +32,13 @@ from actors.media import (
     default_media_root,
     downscale,
     downscale_size,
+    letterbox,
     load_audio,
     load_bytes,
 )
 from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of
-from actors.tokens import fitted_size, num_audio_tokens, num_image_tokens
+from actors.row_timer import RowTimer
+from actors.tokens import fitted_size, letterbox_size, num_audio_tokens, num_image_tokens
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
 from schemas.rows import PREPARED_SCHEMA, ErrorCode, RowError, Status, empty_prepared_row
@@ -98,12 +105,18 @@ class PreprocessRows:
         self.source = MediaSource(
             media_root=config.input.media_root or default_media_root(config.input.path),
             allow_http=config.input.allow_http,
+            allowed_roots=tuple(config.input.allowed_media_roots),
+            remote_protocols=tuple(config.input.remote_protocols),
+            max_bytes=config.media.max_media_bytes,
         )
         self.counter = PromptTokenCounter(tokenizer_factory(config))
+        # An abandoned row's thread may still be counting: a fast tokenizer must not be used by two at once.
+        self._counter_lock = threading.Lock()
+        self.timer = RowTimer(config.media.preprocess_timeout_s)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
-        rows = [self.prepare(row) for row in batch.to_pylist()]
+        rows = [self.timer.run(self.prepare, row, row.get(self.columns.id)) for row in batch.to_pylist()]
         out = pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
@@ -115,8 +128,9 @@ class PreprocessRows:
         return out
 
     def prepare(self, row: dict) -> dict:
-        """One input row -> one prepared row; every failure becomes an error row with a stable code."""
-        started = time.process_time()
+        """One input row -> one prepared row; every failure becomes an error row with a stable code. No time
+        limit here: ``__call__`` runs it under ``RowTimer``."""
+        started = time.thread_time()  # this row's own CPU time, not an abandoned row's beside it
         row_id = row.get(self.columns.id)
         out = empty_prepared_row(None if row_id is None else str(row_id))
         try:
@@ -136,7 +150,7 @@ class PreprocessRows:
             )
         if out["status"] == Status.ERROR.value:
             out.update(images=None, audios=None, prompt=None)
-        out["preprocess_s"] = time.process_time() - started
+        out["preprocess_s"] = time.thread_time() - started
         return out
 
     def _prepare_into(self, row: dict, out: dict) -> None:
@@ -147,12 +161,27 @@ class PreprocessRows:
         self._check_row_shape(image_items, audio_items, user_text)
         reduce_to = self._fitted_size if media_cfg.fast_jpeg_decode else None
         images = [
-            decode_image(*load_bytes(item, self.source, "image"), media_cfg.max_image_pixels, reduce_to)
+            decode_image(
+                *load_bytes(item, self.source, "image"),
+                media_cfg.max_image_pixels,
+                reduce_to,
+                max_bytes=media_cfg.max_image_bytes,
+            )
             for item in image_items
         ]
+        if media_cfg.image_aspect == "pad":
+            images, padded = self._letterboxed(images)
+            out["media_adjustments"] = padded
         rate = row.get(cols.sampling_rate) if cols.sampling_rate else None
         audios = [
-            load_audio(item, self.source, rate, media_cfg.min_audio_seconds, media_cfg.max_audio_seconds)
+            load_audio(
+                item,
+                self.source,
+                rate,
+                media_cfg.min_audio_seconds,
+                media_cfg.max_audio_seconds,
+                max_samples=media_cfg.max_audio_samples,
+            )
             for item in audio_items
         ]
         modality = modality_of(len(images), len(audios))
@@ -175,7 +204,8 @@ class PreprocessRows:
         requests = [[clip] for clip in clips] if chunked else [clips]
         counts = [self._count(prompt, _sizes(images), r) for r in requests]
         if max(counts) > budget and images and media_cfg.image_over_budget == "downscale":
-            images, out["media_adjustments"] = self._downscale_to_fit(prompt, images, clips, budget)
+            images, downscaled = self._downscale_to_fit(prompt, images, clips, budget)
+            out["media_adjustments"] = "; ".join(filter(None, [out["media_adjustments"], downscaled])) or None
             counts = [self._count(prompt, _sizes(images), clips)]
         if max(counts) > budget:
             what = "its longest window takes" if chunked else "the prompt takes"
@@ -200,7 +230,25 @@ class PreprocessRows:
         )
 
     def _fitted_size(self, width: int, height: int) -> tuple[int, int]:
-        return fitted_size(width, height, self.config.engine.dynamic_hd)[1]
+        """The size the picture's own pixels end up at in the canvas (what a reduced-scale decode needs)."""
+        dynamic_hd = self.config.engine.dynamic_hd
+        if self.config.media.image_aspect == "pad":  # the padded picture is fitted; the content scales alike
+            padded = letterbox_size(width, height, dynamic_hd)
+            factor = fitted_size(*padded, dynamic_hd)[1][0] / padded[0]
+            return max(1, int(width * factor)), max(1, int(height * factor))
+        return fitted_size(width, height, dynamic_hd)[1]
+
+    def _letterboxed(self, images: list[DecodedImage]) -> tuple[list[DecodedImage], str | None]:
+        """Pictures too elongated for the crop grid, padded white on their short side (media.image_aspect)."""
+        out, notes = [], []
+        for n, image in enumerate(images, start=1):
+            size = letterbox_size(image.width, image.height, self.config.engine.dynamic_hd)
+            if size != (image.width, image.height):
+                notes.append(
+                    f"image #{n} letterboxed {image.width}x{image.height} -> {size[0]}x{size[1]} (too elongated for the crop grid)"
+                )
+            out.append(letterbox(image, size))
+        return out, "; ".join(notes) or None
 
     def _check_row_shape(self, image_items: list, audio_items: list, user_text) -> None:
         """What can be told before decoding anything: the prompt's type, an empty row, too many items."""
@@ -226,11 +274,12 @@ class PreprocessRows:
 
     def _count(self, prompt: str, image_sizes: list[tuple[int, int]], clips: list) -> int:
         dynamic_hd = self.config.engine.dynamic_hd
-        return self.counter.count(
-            prompt,
-            [num_image_tokens(w, h, dynamic_hd) for w, h in image_sizes],
-            [num_audio_tokens(len(clip)) for clip in clips],
-        )
+        with self._counter_lock:
+            return self.counter.count(
+                prompt,
+                [num_image_tokens(w, h, dynamic_hd) for w, h in image_sizes],
+                [num_audio_tokens(len(clip)) for clip in clips],
+            )
 
     def _downscale_to_fit(self, prompt, images, clips, budget) -> tuple[list[DecodedImage], str | None]:
         """Shrink every image by the same factor, in 10% steps, until the row fits. Only images wider or

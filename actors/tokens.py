@@ -55,6 +55,25 @@ def fitted_size(width: int, height: int, dynamic_hd: int) -> tuple[tuple[int, in
     return (target_w, target_h), resized
 
 
+def letterbox_size(width: int, height: int, dynamic_hd: int) -> tuple[int, int]:
+    """The smallest (width, height), padding only the short side, whose fit to its crop grid keeps every
+    side at least ``PHI4MM.min_resized_side`` px (the original processor refuses less); the size itself
+    when it already does."""
+
+    def fits(short: int) -> bool:
+        size = (width, short) if width >= height else (short, height)
+        return min(fitted_size(*size, dynamic_hd)[1]) >= PHI4MM.min_resized_side
+
+    long, short = max(width, height), min(width, height)
+    if fits(short):
+        return width, height
+    low, high = short, long  # a square always fits
+    while high - low > 1:  # bisection over the padded short side; fits() is cheap arithmetic
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return (width, high) if width >= height else (high, height)
+
+
 def num_image_tokens(width: int, height: int, dynamic_hd: int) -> int:
     """Tokens one ``<|image_n|>`` placeholder expands to: global view + separator + HD crops + newlines."""
     size, patch, comp = PHI4MM.crop_size, PHI4MM.patch_size, PHI4MM.token_compression

@@ -37,6 +37,10 @@ class ErrorCode(str, Enum):
     PREPROCESS_ERROR = "PREPROCESS_ERROR"
     ENGINE_ERROR = "ENGINE_ERROR"
     ENGINE_CRASH_QUARANTINED = "ENGINE_CRASH_QUARANTINED"
+    MEDIA_PATH_REFUSED = "MEDIA_PATH_REFUSED"  # outside the trust boundary, or not a regular file
+    MEDIA_TOO_LARGE = "MEDIA_TOO_LARGE"  # encoded bytes over media.max_media_bytes
+    AUDIO_TOO_LARGE = "AUDIO_TOO_LARGE"  # decoded frames x channels over media.max_audio_samples
+    PREPROCESS_TIMEOUT = "PREPROCESS_TIMEOUT"  # the CPU stage gave up on the row (media.preprocess_timeout_s)
 
 
 class RowError(Exception):

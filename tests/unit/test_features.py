@@ -168,3 +168,26 @@ def test_fast_jpeg_decode_leaves_small_pictures_and_other_formats_exact():
     for data in (small, png.getvalue()):
         d = decode_image(data, "x", 10**9, reduce_to)
         assert d.jpeg_scale == 1 and d.image.size == (d.width, d.height)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    long=st.integers(1, 20000),
+    short=st.integers(1, 200),
+    wide=st.booleans(),
+    dynamic_hd=st.sampled_from([1, 2, 4, 16, 36]),
+)
+def test_letterbox_size_pads_the_short_side_just_enough(long, short, wide, dynamic_hd):
+    from actors.tokens import letterbox_size
+
+    short = min(short, long)
+    size = (long, short) if wide else (short, long)
+    padded = letterbox_size(*size, dynamic_hd)
+    assert min(fitted_size(*padded, dynamic_hd)[1]) >= 10  # what the original processor accepts
+    if padded == size:
+        return
+    pad_axis = 1 if wide else 0
+    assert padded[1 - pad_axis] == size[1 - pad_axis] and padded[pad_axis] > size[pad_axis]
+    one_less = list(padded)
+    one_less[pad_axis] -= 1
+    assert min(fitted_size(*one_less, dynamic_hd)[1]) < 10  # no more padding than needed

@@ -48,10 +48,10 @@ def test_as_items():
     assert as_items("x.jpg") == ["x.jpg"]
 
 
-def test_missing_file_and_http_are_media_not_found(tmp_path):
+def test_missing_file_is_media_not_found_and_http_is_refused(tmp_path):
     src = MediaSource(media_root=str(tmp_path))
     assert _code(load_bytes, "nope.jpg", src, "image") == ErrorCode.MEDIA_NOT_FOUND
-    assert _code(load_bytes, "https://example.com/a.jpg", src, "image") == ErrorCode.MEDIA_NOT_FOUND
+    assert _code(load_bytes, "https://example.com/a.jpg", src, "image") == ErrorCode.MEDIA_PATH_REFUSED
     assert _code(load_bytes, 42, src, "image") == ErrorCode.INVALID_INPUT
 
 
@@ -150,4 +150,4 @@ def test_relative_paths_start_at_the_input_directory_or_a_url_root(tmp_path):
     url_root = MediaSource(media_root=f"file://{MEDIA}/")
     assert load_bytes("cat.jpg", url_root, "image")[0] == (MEDIA / "cat.jpg").read_bytes()
     http_root = MediaSource(media_root="https://example.com/media")
-    assert _code(load_bytes, "cat.jpg", http_root, "image") == ErrorCode.MEDIA_NOT_FOUND  # http stays off
+    assert _code(load_bytes, "cat.jpg", http_root, "image") == ErrorCode.MEDIA_PATH_REFUSED  # http stays off

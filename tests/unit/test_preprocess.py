@@ -190,3 +190,49 @@ def test_fast_jpeg_decode_option_changes_pixels_not_tokens(tiny_model, tmp_path)
     assert fast["prompt_tokens"] == exact["prompt_tokens"]
     assert fast["images"][0]["uuid"] != exact["images"][0]["uuid"]
     assert fast["images"][0]["canvas"] != exact["images"][0]["canvas"]  # decoded at 1/2 or 1/4, then resized
+
+
+def test_trust_settings_reach_the_media_source(tiny_model, tmp_path):
+    cfg = make_config(
+        tiny_model,
+        tmp_path,
+        input={"allowed_media_roots": [str(tmp_path)], "allow_http": True, "remote_protocols": ["s3"]},
+        media={"max_media_bytes": 1234},
+    )
+    source = PreprocessRows(cfg).source
+    assert (source.media_root, source.allowed_roots, source.max_bytes) == (str(MEDIA), (str(tmp_path),), 1234)
+    assert source.protocols == {"s3", "http", "https"}
+
+
+def test_preprocess_s_is_the_rows_own_cpu_time(prepare):
+    out = prepare(
+        pa.Table.from_pylist([{"id": "a", "prompt": "hi"}, {"id": "b", "prompt": None}])
+    ).to_pylist()
+    assert [r["error_code"] for r in out] == [None, "MISSING_INPUT"]
+    assert all(0 <= r["preprocess_s"] < 5 for r in out)
+
+
+@pytest.mark.parametrize("fast_jpeg_decode", [False, True])
+def test_image_aspect_pad_letterboxes_slivers_instead_of_rejecting(tiny_model, tmp_path, fast_jpeg_decode):
+    from actors.tokens import fitted_size, letterbox_size
+
+    buf = io.BytesIO()
+    Image.open(MEDIA / "coffee.jpg").convert("RGB").resize((4000, 9)).save(buf, format="JPEG")
+    rows = [{"id": "sliver", "image": {"bytes": buf.getvalue(), "path": None}, "audio": None, "prompt": None}]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    engine = {"dynamic_hd": 4}
+    rejected = PreprocessRows(make_config(tiny_model, tmp_path, engine=engine))(table).to_pylist()[0]
+    assert rejected["error_code"] == "IMAGE_ASPECT_RATIO_UNSUPPORTED"
+    media = {"image_aspect": "pad", "fast_jpeg_decode": fast_jpeg_decode}
+    (row,) = PreprocessRows(make_config(tiny_model, tmp_path, engine=engine, media=media))(table).to_pylist()
+    width, height = letterbox_size(4000, 9, 4)
+    assert row["status"] == "ok" and height > 9 and width == 4000
+    assert (
+        row["media_adjustments"]
+        == f"image #1 letterboxed 4000x9 -> {width}x{height} (too elongated for the crop grid)"
+    )
+    (image,) = row["images"]
+    assert image["tokens"] == num_image_tokens(width, height, 4)
+    canvas = np.frombuffer(image["canvas"], np.uint8).reshape(image["height"], image["width"], 3)
+    fitted_height = fitted_size(width, height, 4)[1][1]
+    assert (canvas[0] == 255).all() and not (canvas[fitted_height // 2] == 255).all()  # centred, padded white
