@@ -151,14 +151,15 @@ VARIANTS = {
 SIDES = ["plain", "pipeline", "pipeline-shared", "engine"]
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s values, nested dicts merged key by key."""
     return {
-        k: _merge(base[k], v) if isinstance(v, dict) and k in base else v for k, v in {**base, **over}.items()
+        k: merge(base[k], v) if isinstance(v, dict) and k in base else v for k, v in {**base, **over}.items()
     }
 
 
 def write_config(profile: str, mode: str, data: Path, model: Path, work: Path) -> Path:
-    job = _merge(PROFILES[profile]["job"], VARIANTS.get(mode, {}))
+    job = merge(PROFILES[profile]["job"], VARIANTS.get(mode, {}))
     job["input"] = {"path": str(data)}
     job["output"] = {"path": str(work / f"out-{mode}"), "mode": "overwrite"}
     job["model"]["path"] = str(model)

@@ -1,11 +1,14 @@
 """Entrypoint: run a phi4mm-batch job.
 
     python -m jobs.run --config FILE.yaml [--input PATH] [--output PATH] [--model PATH] [--limit N]
+        [--mode resume|overwrite|error] [--run-id ID]
 
 Without a cluster it starts a local Ray; under ``ray job submit --working-dir . -- python -m jobs.run …``
 (or with RAY_ADDRESS set) it joins that cluster. Prints a summary and writes it beside the output as
 ``_run-<run_id>.json``. Exit status: 0 when every input row has exactly one output row (error rows
-included), 1 when the audit finds rows missing or duplicated, 2 for a config error.
+included), 1 when the audit finds rows missing, duplicated or unexpected, 2 for a mistake in the job
+(config, input, model, output mode, an output another run is writing): one line on stderr, nothing
+changed, 3 when the run itself failed (a traceback; committed parts stay, ``--mode resume`` carries on).
 """
 
 from __future__ import annotations
@@ -21,18 +24,47 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from pipelines.lock import OutputLock
+from pipelines.validate import validate_job
+from schemas.errors import JobError
 from schemas.job import JobConfig
 
 logger = logging.getLogger("phi4mm_batch")
 
+EXIT_AUDIT_FAILED, EXIT_JOB_ERROR, EXIT_RUN_FAILED = 1, 2, 3
+
+
+def error_line(message: str) -> str:
+    return "phi4mm-batch: error: " + " ".join(message.split())  # one line, whatever the message holds
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line like every other job mistake, not usage + message
+        print(error_line(f"{message}. Try python -m jobs.run --help."), file=sys.stderr)
+        sys.exit(EXIT_JOB_ERROR)
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:  # 0 used to mean "no limit" and ran everything
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1, got {value}; leave --limit out to run every row"
+        )
+    return value
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m jobs.run", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="Job config YAML (see jobs/configs/).")
     parser.add_argument("--input", help="Override input.path.")
     parser.add_argument("--output", help="Override output.path.")
     parser.add_argument("--model", help="Override model.path.")
-    parser.add_argument("--limit", type=int, help="Process only the first N rows.")
+    parser.add_argument(
+        "--limit", type=_at_least_one, help="Process only the first N input rows (N >= 1), in input order."
+    )
     parser.add_argument("--mode", choices=["resume", "overwrite", "error"], help="Override output.mode.")
     parser.add_argument("--run-id", help="Id for this run (default: time + random suffix).")
     return parser.parse_args(argv)
@@ -46,7 +78,7 @@ def load_config(args: argparse.Namespace) -> JobConfig:
     for key, value in (("input.path", args.input), ("output.path", args.output), ("model.path", args.model)):
         if value:
             overrides[key] = local(value)
-    if args.limit:
+    if args.limit is not None:
         overrides["input.limit"] = args.limit
     if args.mode:
         overrides["output.mode"] = args.mode
@@ -94,31 +126,80 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  cpu actors       {len(cpu)} worked, rows per actor {rows[0]}..{rows[-1]}")
     audit = summary["audit"]
     verdict = "ok" if audit["ok"] else "FAILED"
+    unexpected = audit.get("unexpected_ids", 0)
     lines += [
         f"  tokens           prompt {summary['prompt_tokens']}, completion {summary['completion_tokens']}",
         f"  time             {summary['wall_s']:.1f} s, {summary['rows_per_s']} rows/s",
         f"  audit            {verdict}: {audit['input_rows']} input rows, {audit['output_rows']} output rows, "
-        f"{audit['missing_ids']} missing, {audit['duplicate_ids']} duplicated",
+        f"{audit['missing_ids']} missing, {audit['duplicate_ids']} duplicated"
+        + (f", {unexpected} not in the input" if unexpected else ""),
     ]
+    if not summary.get("committed", True):
+        lines.append(
+            "  output           NOT replaced: the overwrite failed its audit; the old output is unchanged"
+        )
     return "\n".join(lines)
 
 
+def validation_lines(error: ValidationError, source: str) -> list[str]:
+    """pydantic's report condensed to one line per field: ``FILE: model.max_lora_rank: ...``."""
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown key. Try the keys schemas/job.py describes (a typo?)"
+        elif e["type"] == "missing":
+            message = "is required. Try adding it (each field is described in schemas/job.py)"
+        elif "Try " not in message:
+            given = e.get("input")
+            shown = f" (got {given!r})" if isinstance(given, (str, int, float, bool)) or given is None else ""
+            message = f"{message}{shown}. Try a value that fits (schemas/job.py describes each field)"
+        lines.append(error_line(f"{source}: {where + ': ' if where else ''}{message}"))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    # Warnings only until the pre-run checks pass: a job-level mistake is one line on stderr.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a CLI mistake already reported in one line
+        return int(e.code or 0)
+    run_id = args.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    # Every job-level check runs before Ray starts and before the output is touched: a mistake costs a
+    # second and changes nothing.
     try:
         config = load_config(args)
-    except (ValidationError, ValueError, FileNotFoundError) as e:
-        print(f"config error in {args.config}:\n{e}", file=sys.stderr)
-        return 2
-    run_id = args.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    init_ray()
-    from pipelines import run_pipeline
+        plan = validate_job(config, run_id)
+        lock = OutputLock(config.output.path, run_id).acquire()
+    except JobError as e:
+        print(error_line(str(e)), file=sys.stderr)
+        return EXIT_JOB_ERROR
+    except ValidationError as e:
+        print("\n".join(validation_lines(e, args.config)), file=sys.stderr)
+        return EXIT_JOB_ERROR
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        init_ray()
+        from pipelines.phi4mm import run_pipeline
 
-    summary = run_pipeline(config, run_id)
+        summary = run_pipeline(config, run_id, plan=plan, lock=lock)
+    except JobError as e:
+        print(error_line(str(e)), file=sys.stderr)
+        return EXIT_JOB_ERROR
+    except Exception:
+        logger.exception(
+            "run %s failed. Parts it committed stay in %s; try the same command with --mode resume to carry on.",
+            run_id,
+            config.output.path,
+        )
+        return EXIT_RUN_FAILED
+    finally:
+        lock.release()
     print(format_summary(summary))
     print("SUMMARY_JSON " + json.dumps(summary, default=str))
-    return 0 if summary["audit"]["ok"] else 1
+    return 0 if summary["audit"]["ok"] else EXIT_AUDIT_FAILED
 
 
 if __name__ == "__main__":

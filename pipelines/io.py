@@ -1,16 +1,29 @@
-"""Parquet in and out, with the guarantees users rely on:
+"""Parquet in and out, with the guarantees users rely on (README, "Reliability"):
 
-- output part files appear atomically (written under ``_tmp/``, then moved into place), so a reader
-  never sees a half-written file and a crashed run leaves only whole files;
-- ``resume`` skips input ids that committed parts already hold, so a re-run never duplicates rows;
-- an audit after the write checks that every input row has exactly one output row.
+- the output is every ``part-*.parquet`` file directly in the output directory: what pyarrow, pandas and
+  Ray read, and the one rule resume and the audit follow too. Everything else the project keeps there
+  starts with ``_`` (``_lock``, ``_tmp/``, ``_staging-<run>/``, ``_committed-<run>.json``,
+  ``_run-<run>.json``), which those readers skip;
+- a part file appears whole: it is written under ``_tmp/`` and then moved into place;
+- ``resume`` and ``error`` runs commit parts as they go, at most ``output.commit_every_rows`` rows each, so
+  a killed run keeps what it committed and ``resume`` carries on from there;
+- an ``overwrite`` run commits its parts under ``_staging-<run>/``; only when the run is complete and
+  audited does it write its commit marker ``_committed-<run>.json`` (new parts, parts they replace), move
+  the new parts in and delete the old ones. A reader sees the old output until then, never none; a swap
+  cut short is finished by the next run, which reads the marker;
+- row ids are compared in one string form (``id_strings``) on write, resume and audit;
+- the audit checks that every id a run answers for has exactly one output row.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -19,53 +32,214 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from schemas.errors import JobError
 from schemas.job import OutputConfig
 from schemas.rows import OUTPUT_SCHEMA
 
+logger = logging.getLogger(__name__)
+
 PART_PREFIX = "part-"
 TMP_DIR = "_tmp"  # pyarrow and Ray ignore names starting with '_' or '.' when reading a directory
+STAGING_PREFIX = "_staging-"  # an overwrite run's committed parts, until the swap
+MARKER_PREFIX = "_committed-"
 
 
 def _fs_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def committed_parts(uri: str) -> list[str]:
-    fs, root = _fs_and_path(uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def id_strings(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Row ids in the one string form used on write, resume and the audit alike, whatever their Arrow type:
+    Arrow's own cast, so a float id 1.0 is "1" in the output, in resume's skip set and in the audit (the
+    CPU stage's ``str()`` would have made it "1.0"). Nulls stay null. Raises ``pa.ArrowInvalid`` for ids
+    without a text form (binary that is not UTF-8), ``pa.ArrowNotImplementedError`` for nested types."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.dictionary_decode()
+    return ids if ids.type == pa.string() else pc.cast(ids, pa.string())
+
+
+def staging_name(run_id: str) -> str:
+    return f"{STAGING_PREFIX}{run_id}"
+
+
+def _parts_in(fs: pafs.FileSystem, directory: str) -> list[str]:
+    if fs.get_file_info(directory).type != pafs.FileType.Directory:
         return []
-    selector = pafs.FileSelector(root, recursive=False)
     return sorted(
-        f.path for f in fs.get_file_info(selector)
+        f.path for f in fs.get_file_info(pafs.FileSelector(directory, recursive=False))
         if f.type == pafs.FileType.File and f.base_name.startswith(PART_PREFIX) and f.base_name.endswith(".parquet")
     )  # fmt: skip
 
 
+def committed_parts(uri: str) -> list[str]:
+    """The output's part files: every ``part-*.parquet`` directly under ``uri`` (what readers read)."""
+    fs, root = _fs_and_path(uri)
+    return _parts_in(fs, root)
+
+
 def committed_ids(uri: str) -> pa.Array:
-    """Ids of every row in committed output parts (empty when there are none)."""
+    """Ids (string form) of every row in the output's part files (empty when there are none)."""
     parts = committed_parts(uri)
     if not parts:
         return pa.array([], pa.string())
     fs, _ = _fs_and_path(uri)
     table = pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=["id"])
-    return table.column("id").combine_chunks()
+    return id_strings(table.column("id"))
+
+
+def check_output_mode(config: OutputConfig) -> None:
+    """Refuse, before anything is touched, a run the output's state forbids (read-only)."""
+    fs, root = _fs_and_path(config.path)
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.File:
+        raise JobError(
+            f"output.path {config.path} is a file; the output is a directory of part files. "
+            "Try a directory path (CLI: --output)."
+        )
+    if config.mode == "error" and (parts := _parts_in(fs, root)):
+        raise JobError(
+            f"output {config.path} already holds {len(parts)} part files and output.mode is 'error'. "
+            "Try output.mode: resume (skip rows already done) or overwrite (replace them) (CLI: --mode)."
+        )
+
+
+def check_run_id_unused(uri: str, run_id: str) -> None:
+    """Refuse a run id the output already knows: its part names would replace that run's parts."""
+    fs, root = _fs_and_path(uri)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return
+    own = re.compile(rf"{PART_PREFIX}{re.escape(run_id)}-\d{{6}}-\d{{4}}\.parquet")
+    for f in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+        if own.fullmatch(f.base_name) or f.base_name in (
+            f"{MARKER_PREFIX}{run_id}.json",
+            f"_run-{run_id}.json",
+        ):
+            raise JobError(
+                f"run id {run_id} already wrote to output {uri} ({f.base_name}); a second run under it would "
+                "replace that run's parts. Try another --run-id, or leave it out for a fresh one."
+            )
 
 
 def prepare_output(config: OutputConfig) -> pa.Array:
-    """Apply the output mode before a run; returns the ids to skip (non-empty only when resuming)."""
+    """Make the output ready for a run that holds its lock (``pipelines.lock``); return the ids to skip
+    (non-empty only when resuming). Finishes a swap an earlier overwrite left half done, removes what
+    interrupted runs left behind, then checks the mode. An overwrite deletes nothing here: the old parts
+    stay until the new run swaps its own in (``commit_run``)."""
     fs, root = _fs_and_path(config.path)
-    parts = committed_parts(config.path)
-    if parts and config.mode == "error":
-        raise FileExistsError(
-            f"output {config.path} already holds {len(parts)} part files. "
-            "Try output.mode: resume (skip rows already done) or overwrite (start again)."
-        )
-    if parts and config.mode == "overwrite":
-        for part in parts:
-            fs.delete_file(part)
+    check_output_mode(config)
     fs.create_dir(root, recursive=True)
+    finish_interrupted_swaps(config.path)
+    remove_stale_files(config.path)
+    check_output_mode(config)  # a finished swap may have added parts
     return committed_ids(config.path) if config.mode == "resume" else pa.array([], pa.string())
+
+
+def _markers(fs: pafs.FileSystem, root: str) -> list[dict]:
+    found = []
+    for f in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+        if (
+            f.type == pafs.FileType.File
+            and f.base_name.startswith(MARKER_PREFIX)
+            and f.base_name.endswith(".json")
+        ):
+            with fs.open_input_stream(f.path) as stream:
+                found.append(json.loads(stream.read()))
+    return found
+
+
+def finish_interrupted_swaps(uri: str) -> list[str]:
+    """Finish each overwrite whose marker was written but whose staging directory is still there (the
+    run died mid-swap): the marker decided the swap, so it is rolled forward. Returns their run ids."""
+    fs, root = _fs_and_path(uri)
+    finished = []
+    for marker in _markers(fs, root):
+        if marker.get("mode") == "overwrite" and _exists(fs, f"{root}/{staging_name(marker['run_id'])}"):
+            logger.warning(
+                "output %s: finishing the swap of overwrite run %s, cut short", uri, marker["run_id"]
+            )
+            _swap(fs, root, marker)
+            finished.append(marker["run_id"])
+    return finished
+
+
+def remove_stale_files(uri: str) -> int:
+    """Remove what interrupted runs left: half-written files in ``_tmp/``, staging directories of overwrite
+    runs that never committed, lock temporaries. Only safe with the output's lock held."""
+    fs, root = _fs_and_path(uri)
+    removed = 0
+    for f in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+        name = f.base_name
+        if f.type == pafs.FileType.Directory and (name == TMP_DIR or name.startswith(STAGING_PREFIX)):
+            removed += sum(
+                1
+                for g in fs.get_file_info(pafs.FileSelector(f.path, recursive=True))
+                if g.type == pafs.FileType.File
+            )
+            if name == TMP_DIR:
+                fs.delete_dir_contents(f.path)
+            else:
+                fs.delete_dir(f.path)
+        elif f.type == pafs.FileType.File and name.startswith("_lock.") and name != "_lock":
+            fs.delete_file(f.path)
+            removed += 1
+    if removed:
+        logger.warning("output %s: removed %d stale temporary files left by interrupted runs", uri, removed)
+    return removed
+
+
+def commit_run(uri: str, run_id: str, mode: str, parts: list[str]) -> dict:
+    """Record what a finished run committed in ``_committed-<run_id>.json``; for an overwrite, swap its
+    staged parts in for every old part (the marker is written first, so a swap cut short is finished by
+    the next run). Returns the marker."""
+    fs, root = _fs_and_path(uri)
+    if mode == "overwrite":
+        parts = [_name(p) for p in _parts_in(fs, f"{root}/{staging_name(run_id)}")]
+        replaces = [_name(p) for p in _parts_in(fs, root) if _name(p) not in parts]
+    else:
+        replaces = []
+    marker = {
+        "run_id": run_id,
+        "mode": mode,
+        "parts": sorted(parts),
+        "replaces": replaces,
+        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_atomically(fs, root, f"{MARKER_PREFIX}{run_id}.json", json.dumps(marker, indent=1).encode())
+    if mode == "overwrite":
+        _swap(fs, root, marker)
+    return marker
+
+
+def _swap(fs: pafs.FileSystem, root: str, marker: dict) -> None:
+    # New parts in first, old ones out second: a reader meanwhile sees every old row or every new one
+    # (for a moment both), never an empty output.
+    staging = f"{root}/{staging_name(marker['run_id'])}"
+    for name in marker["parts"]:
+        if _exists(fs, f"{staging}/{name}"):
+            fs.move(f"{staging}/{name}", f"{root}/{name}")
+    for name in marker["replaces"]:
+        if _exists(fs, f"{root}/{name}"):
+            fs.delete_file(f"{root}/{name}")
+    if _exists(fs, staging):
+        fs.delete_dir(staging)
+
+
+def _write_atomically(fs: pafs.FileSystem, root: str, name: str, data: bytes) -> None:
+    fs.create_dir(f"{root}/{TMP_DIR}", recursive=True)
+    tmp = f"{root}/{TMP_DIR}/{name}.{uuid.uuid4().hex}"
+    with fs.open_output_stream(tmp) as sink:
+        sink.write(data)
+    fs.move(tmp, f"{root}/{name}")
 
 
 @dataclass
@@ -100,27 +274,89 @@ class WriteStats:
         )
 
 
-def write_part_files(table: pa.Table, uri: str, run_id: str, task_idx: int, rows_per_file: int) -> WriteStats:
-    """Write a table as one or more part files, each made visible by an atomic move."""
+def write_part_files(
+    table: pa.Table,
+    uri: str,
+    run_id: str,
+    task_idx: int,
+    rows_per_file: int,
+    *,
+    first_chunk: int = 0,
+    into: str | None = None,
+    lock_run_id: str | None = None,
+) -> WriteStats:
+    """Write a table as one or more part files, each made visible by an atomic move.
+
+    ``into``: a subdirectory of the output to commit into (an overwrite's staging directory) instead of
+    the output itself. ``lock_run_id``: check before each move that this run still holds the output's
+    lock (``pipelines.lock.assert_lock_held``). Part names number on from ``first_chunk``."""
+    from pipelines.lock import assert_lock_held
+
     fs, root = _fs_and_path(uri)
+    dest = f"{root}/{into}" if into else root
     fs.create_dir(f"{root}/{TMP_DIR}", recursive=True)
+    fs.create_dir(dest, recursive=True)
     table = table.cast(OUTPUT_SCHEMA)
     stats = WriteStats.of_table(table)
-    for chunk_idx, offset in enumerate(range(0, table.num_rows, rows_per_file)):
-        # A retried task reuses its name, so a retry replaces its own earlier file instead of adding one.
+    for chunk_idx, offset in enumerate(range(0, table.num_rows, rows_per_file), start=first_chunk):
+        # A retried task gets the same rows in the same order, so its names repeat: a retry replaces its
+        # own earlier files instead of adding to them.
         name = f"{PART_PREFIX}{run_id}-{task_idx:06d}-{chunk_idx:04d}.parquet"
         tmp = f"{root}/{TMP_DIR}/{name}.{uuid.uuid4().hex}"
-        with fs.open_output_stream(tmp) as sink:
-            pq.write_table(table.slice(offset, rows_per_file), sink, compression="zstd")
-        fs.move(tmp, f"{root}/{name}")
+        try:
+            with fs.open_output_stream(tmp) as sink:
+                pq.write_table(table.slice(offset, rows_per_file), sink, compression="zstd")
+            if lock_run_id is not None:
+                assert_lock_held(uri, lock_run_id)
+            fs.move(tmp, f"{dest}/{name}")
+        except BaseException:
+            if _exists(fs, tmp):  # the next run would remove it too; no need to leave it until then
+                fs.delete_file(tmp)
+            raise
         stats.files.append(name)
+    return stats
+
+
+def write_in_parts(
+    tables: Iterable[pa.Table],
+    uri: str,
+    run_id: str,
+    task_idx: int,
+    part_rows: int,
+    *,
+    into: str | None = None,
+    lock_run_id: str | None = None,
+) -> WriteStats:
+    """A write task's tables committed as part files of ``part_rows`` rows as soon as that many have come
+    (the last part of the task may be smaller), so a kill loses at most about ``part_rows`` rows of it."""
+    stats, pending, n_pending = WriteStats(), [], 0
+
+    def commit(table: pa.Table) -> None:
+        stats.add(
+            write_part_files(
+                table, uri, run_id, task_idx, part_rows,
+                first_chunk=len(stats.files), into=into, lock_run_id=lock_run_id,
+            )
+        )  # fmt: skip
+
+    for table in tables:
+        if not table.num_rows:
+            continue
+        pending.append(table)
+        n_pending += table.num_rows
+        if n_pending >= part_rows:  # commit the whole parts now; the rest waits for more rows
+            rows = pa.concat_tables(pending)
+            whole = n_pending - n_pending % part_rows
+            commit(rows.slice(0, whole))
+            pending, n_pending = [rows.slice(whole)], n_pending - whole
+    if n_pending:
+        commit(pa.concat_tables(pending))
     return stats
 
 
 def write_manifest(uri: str, run_id: str, summary: dict) -> None:
     fs, root = _fs_and_path(uri)
-    with fs.open_output_stream(f"{root}/_run-{run_id}.json") as sink:
-        sink.write(json.dumps(summary, indent=1, default=str).encode())
+    _write_atomically(fs, root, f"_run-{run_id}.json", json.dumps(summary, indent=1, default=str).encode())
 
 
 @dataclass
@@ -129,22 +365,35 @@ class Audit:
     output_rows: int
     missing_ids: int
     duplicate_ids: int
+    unexpected_ids: int = 0  # output rows whose id is not in the input at all
 
     @property
     def ok(self) -> bool:
-        return self.output_rows == self.input_rows and not self.missing_ids and not self.duplicate_ids
+        return (
+            self.output_rows == self.input_rows
+            and not self.missing_ids
+            and not self.duplicate_ids
+            and not self.unexpected_ids
+        )
 
 
-def audit(input_ids: pa.Array | None, output_uri: str) -> Audit:
-    """Compare input ids with every committed output row: each id appears in the output as often as in
-    the input (so exactly once for unique ids). Without input ids (a --limit run) only size is known."""
+_NULL_KEY = "\x00null"  # joins never match nulls: they get a key no real id can have
+
+
+def audit(input_ids: pa.Array, output_uri: str, run_ids: pa.Array | None = None) -> Audit:
+    """Compare the ids a run answers for, ``run_ids`` (default: every input id), with every committed
+    output row: each appears in the output as often as in the input, so exactly once for unique ids.
+
+    ``input_rows`` / ``output_rows`` count the run's ids and the output rows that carry one of them:
+    output rows for other input ids (a ``--limit`` run resuming into a fuller output) are not this run's.
+    Output rows whose id is not in the input at all are ``unexpected_ids`` and fail the audit."""
     out_ids = committed_ids(output_uri)
-    if input_ids is None:
-        return Audit(input_rows=len(out_ids), output_rows=len(out_ids), missing_ids=0, duplicate_ids=0)
-    # Rows without an id still get an output row (MISSING_ID) with a null id: nulls count as one group
-    # (joins never match nulls, so they get a key no real id can have).
-    input_ids, out_ids = (pc.fill_null(ids.cast(pa.string()), "\x00null") for ids in (input_ids, out_ids))
-    in_counts = pa.table({"id": input_ids}).group_by("id").aggregate([([], "count_all")])
+    inputs = pc.fill_null(id_strings(input_ids), _NULL_KEY)
+    expected = inputs if run_ids is None else pc.fill_null(id_strings(run_ids), _NULL_KEY)
+    out_ids = pc.fill_null(out_ids, _NULL_KEY)
+    unexpected = int(pc.sum(pc.invert(pc.is_in(out_ids, value_set=inputs))).as_py() or 0)
+    out_ids = out_ids.filter(pc.is_in(out_ids, value_set=expected))
+    in_counts = pa.table({"id": expected}).group_by("id").aggregate([([], "count_all")])
     out_counts = pa.table({"id": out_ids}).group_by("id").aggregate([([], "count_all")])
     joined = in_counts.join(out_counts, "id", join_type="full outer", left_suffix="_in", right_suffix="_out")
     n_in = pc.fill_null(joined.column("count_all_in"), 0)
@@ -153,5 +402,9 @@ def audit(input_ids: pa.Array | None, output_uri: str) -> Audit:
     missing = int(pc.sum(pc.if_else(pc.less(diff, 0), pc.negate(diff), 0)).as_py() or 0)
     duplicates = int(pc.sum(pc.if_else(pc.greater(diff, 0), diff, 0)).as_py() or 0)
     return Audit(
-        input_rows=len(input_ids), output_rows=len(out_ids), missing_ids=missing, duplicate_ids=duplicates
+        input_rows=len(expected),
+        output_rows=len(out_ids),
+        missing_ids=missing,
+        duplicate_ids=duplicates,
+        unexpected_ids=unexpected,
     )

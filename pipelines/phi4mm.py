@@ -14,8 +14,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.io import audit, prepare_output, write_manifest
+from pipelines.io import audit, commit_run, id_strings, prepare_output, staging_name, write_manifest
+from pipelines.lock import OutputLock
 from pipelines.spec import StageSpec, apply
+from pipelines.validate import JobPlan, check_input_columns, validate_job
 from schemas.job import JobConfig, pool_bounds
 
 logger = logging.getLogger(__name__)
@@ -68,26 +70,6 @@ def compile_cache_env(cache_dir: str | None) -> dict[str, str]:
     }
 
 
-def check_input_columns(config: JobConfig, schema: pa.Schema) -> None:
-    """Fail before any actor starts when the configured columns do not match the data."""
-    cols = config.input.columns
-    names = set(schema.names)
-    if cols.id not in names:
-        raise ValueError(
-            f"input {config.input.path} has no id column {cols.id!r} (columns: {sorted(names)}). "
-            "Try passing input.columns.id with the name of a unique key column."
-        )
-    content = [c for c in (cols.image, cols.audio, cols.prompt) if c]
-    if not any(c in names for c in content):
-        raise ValueError(
-            f"input {config.input.path} has none of the columns {content} (columns: {sorted(names)}). "
-            "Try setting input.columns.image / audio / prompt to the names your data uses."
-        )
-    for c in content:
-        if c not in names:
-            logger.info("input has no %r column; treating it as empty", c)
-
-
 def warn_if_resources_short(config: JobConfig) -> None:
     """Actor pools hold their CPUs for the whole run: if they leave none for read/write tasks the job
     stalls without an error, so say so up front."""
@@ -111,36 +93,37 @@ def warn_if_resources_short(config: JobConfig) -> None:
         )
 
 
-def _drop_done(batch: pa.Table, id_column: str, done_ids: pa.Array) -> pa.Table:
-    ids = pc.cast(batch.column(id_column), pa.string())
-    return batch.filter(pc.invert(pc.fill_null(pc.is_in(ids, value_set=done_ids), False)))
+def _select_rows(batch: pa.Table, id_column: str, done_ids: pa.Array, keep_ids: pa.Array | None) -> pa.Table:
+    """Ids in their one string form (so the output, resume and the audit agree whatever the input's id
+    type), minus rows already done, and only ``keep_ids`` when given."""
+    ids = id_strings(batch.column(id_column))
+    batch = batch.set_column(batch.schema.get_field_index(id_column), id_column, ids)
+    keep = pc.invert(pc.fill_null(pc.is_in(ids, value_set=done_ids), False))
+    if keep_ids is not None:
+        keep = pc.and_(keep, pc.fill_null(pc.is_in(ids, value_set=keep_ids), False))
+    return batch.filter(keep)
 
 
-def _input_ids(config: JobConfig) -> pa.Array | None:
-    """All input ids, for the audit; None for --limit runs, where which rows ran is Ray's choice."""
-    if config.input.limit:
-        return None
-    import pyarrow.dataset as pads
+def read_input(config: JobConfig, done_ids: pa.Array, keep_ids: pa.Array | None = None):
+    """The input rows still to do, as a lazy Ray dataset in blocks of one CPU batch each.
 
-    dataset = pads.dataset(config.input.path, format="parquet")
-    return pc.cast(dataset.to_table(columns=[config.input.columns.id]).column(0), pa.string())
-
-
-def read_input(config: JobConfig, done_ids: pa.Array):
-    """The input rows still to do, as a lazy Ray dataset in blocks of one CPU batch each."""
+    ``keep_ids``: run only these rows (a --limit run: its first N ids, as validation listed them, so which
+    rows run does not depend on the order Ray's read tasks finish in)."""
     import ray
 
     ds = ray.data.read_parquet(config.input.path, num_cpus=config.resources.io_num_cpus)
     check_input_columns(config, ds.schema().base_schema)
-    if config.input.limit:
-        ds = ds.limit(config.input.limit)
     if len(done_ids):
-        logger.info("resume: %d rows already in %s are skipped", len(done_ids), config.output.path)
-        ds = ds.map_batches(
-            _drop_done,
-            batch_format="pyarrow",
-            fn_kwargs={"id_column": config.input.columns.id, "done_ids": done_ids},
+        logger.info(
+            "resume: %s already holds %d rows; their ids are skipped", config.output.path, len(done_ids)
         )
+    ds = ds.map_batches(
+        _select_rows,
+        batch_format="pyarrow",
+        fn_kwargs={"id_column": config.input.columns.id, "done_ids": done_ids, "keep_ids": keep_ids},
+    )
+    if keep_ids is not None:
+        ds = ds.limit(len(keep_ids))  # all there is: lets Ray stop reading once they have passed
     # Ray hands a whole block to one actor: a single-row-group file would keep one CPU actor busy while
     # the rest idled. Blocks of one CPU batch keep every actor of the pool fed whatever the files, row
     # groups and block sizes are; tiny blocks from many small files are combined up to that size.
@@ -148,21 +131,46 @@ def read_input(config: JobConfig, done_ids: pa.Array):
     return ds.repartition(target_num_rows_per_block=config.resources.preprocess.batch_size)
 
 
-def run_pipeline(config: JobConfig, run_id: str) -> dict[str, Any]:
-    """Run the job on the current Ray cluster and return its summary (also written beside the output)."""
+def run_pipeline(
+    config: JobConfig, run_id: str, plan: JobPlan | None = None, lock: OutputLock | None = None
+) -> dict[str, Any]:
+    """Run the job on the current Ray cluster and return its summary (also written beside the output).
 
+    Validates the job first (``pipelines.validate``; a JobError leaves everything as it was) unless given
+    its ``plan``, and holds the output's lock for the whole run unless the caller holds it (``lock``):
+    ``jobs.run`` does both before it starts Ray, so a mistake or a busy output costs no cluster start."""
     started = time.perf_counter()
-    done_ids = prepare_output(config.output)
+    plan = plan or validate_job(config, run_id)
+    if lock is not None:
+        return _run_locked(config, run_id, plan, started)
+    with OutputLock(config.output.path, run_id):
+        return _run_locked(config, run_id, plan, started)
+
+
+def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -> dict[str, Any]:
+    out = config.output
+    done_ids = prepare_output(out)
+    # Input rows of this run found done, not output rows: those may include rows outside a --limit.
+    skipped = int(pc.sum(pc.is_in(plan.run_ids, value_set=done_ids)).as_py() or 0) if len(done_ids) else 0
+    keep_ids = None
+    if config.input.limit:
+        keep_ids = plan.run_ids.filter(pc.invert(pc.is_in(plan.run_ids, value_set=done_ids)))
     warn_if_resources_short(config)
     io_args = {"num_cpus": config.resources.io_num_cpus}
-    ds = read_input(config, done_ids)
+    ds = read_input(config, done_ids, keep_ids)
     from pipelines.ledger import RayAttemptLedger
 
     ledger = RayAttemptLedger(run_id).create()  # outlives GPU actors that crash
     ds = apply(ds, build_stages(config, run_id, ledger))
+    # A part holds at most commit_every_rows rows: bigger blocks are split before the write (streaming;
+    # smaller ones pass as they are, so no write waits for rows to fill a part).
+    ds = ds.repartition(target_num_rows_per_block=out.commit_every_rows)
     from pipelines.sink import CommittingParquetSink
 
-    sink = CommittingParquetSink(config.output.path, run_id, config.output.rows_per_file)
+    into = staging_name(run_id) if out.mode == "overwrite" else None
+    sink = CommittingParquetSink(
+        out.path, run_id, out.rows_per_file, out.commit_every_rows, into=into, lock_run_id=run_id
+    )
     try:
         ds.write_datasink(sink, ray_remote_args=io_args)
         actors = ledger.actor_stats()
@@ -170,14 +178,23 @@ def run_pipeline(config: JobConfig, run_id: str) -> dict[str, Any]:
         ledger.close()
     wall_s = time.perf_counter() - started
     stats = sink.stats
-    check = audit(_input_ids(config), config.output.path)
+    # An overwrite is audited where it was staged and swapped in only when whole: otherwise the old
+    # output stays as it was (and the staged parts are removed by the next run).
+    check = audit(plan.input_ids, f"{out.path.rstrip('/')}/{into}" if into else out.path, plan.run_ids)
+    committed = check.ok or out.mode != "overwrite"
+    if committed:
+        commit_run(out.path, run_id, out.mode, stats.files)
+    else:
+        logger.error("overwrite of %s not committed: its audit failed; the old output is unchanged", out.path)
     summary = {
         "run_id": run_id,
         "input": config.input.path,
-        "output": config.output.path,
+        "output": out.path,
         "model": config.model_name,
+        "mode": out.mode,
+        "committed": committed,
         "rows_written": stats.rows,
-        "rows_skipped_already_done": len(done_ids),
+        "rows_skipped_already_done": skipped,
         "status": dict(stats.status),
         "error_codes": dict(sorted(stats.error_codes.items())),
         "prompt_tokens": stats.prompt_tokens,
@@ -189,5 +206,5 @@ def run_pipeline(config: JobConfig, run_id: str) -> dict[str, Any]:
         "cpu_actors": actors.get("preprocess", {}),
         "audit": {**check.__dict__, "ok": check.ok},
     }
-    write_manifest(config.output.path, run_id, summary)
+    write_manifest(out.path, run_id, summary)
     return summary

@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from pipelines.io import WriteStats, write_part_files
+from pipelines.io import WriteStats, write_in_parts
 
 
 class CommittingParquetSink(Datasink):
-    def __init__(self, uri: str, run_id: str, rows_per_file: int):
-        self.uri, self.run_id, self.rows_per_file = uri, run_id, rows_per_file
+    """Commits a part file every ``commit_every_rows`` rows a write task receives (at most
+    ``rows_per_file``), so a kill loses little of a task's work; ``into`` commits under that subdirectory
+    of the output (an overwrite's staging directory); ``lock_run_id`` makes each commit check that the run
+    still holds the output's lock (``pipelines.lock``)."""
+
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        rows_per_file: int,
+        commit_every_rows: int | None = None,
+        into: str | None = None,
+        lock_run_id: str | None = None,
+    ):
+        self.uri, self.run_id = uri, run_id
+        self.part_rows = min(rows_per_file, commit_every_rows or rows_per_file)
+        self.into, self.lock_run_id = into, lock_run_id
         self.stats = WriteStats()  # filled on the driver by on_write_complete
 
     def write(self, blocks, ctx) -> WriteStats:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return WriteStats()
-        return write_part_files(
-            pa.concat_tables(tables), self.uri, self.run_id, ctx.task_idx, self.rows_per_file
-        )
+        return write_in_parts(
+            (BlockAccessor.for_block(b).to_arrow() for b in blocks),
+            self.uri, self.run_id, ctx.task_idx, self.part_rows,
+            into=self.into, lock_run_id=self.lock_run_id,
+        )  # fmt: skip
 
     def on_write_complete(self, write_result) -> None:
         for stats in write_result.write_returns:

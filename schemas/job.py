@@ -11,11 +11,62 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.errors import JobError
 from schemas.model import PHI4MM
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word: a second ``model:`` section would silently
+    replace the first. This loader refuses any mapping key given twice (merge keys ``<<`` excepted)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    """The YAML file's top-level mapping; JobError (one line, file and line) for anything else."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise JobError(
+            f"config file {path} does not exist. Try --config with a job YAML such as jobs/configs/demo.yaml."
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"config file {path} cannot be read ({e}). Try a readable UTF-8 YAML file.") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        what = ": ".join(str(x) for x in (e.context, e.problem) if x)
+        raise JobError(
+            f"{where}: {what}. Try fixing the YAML there (a key given twice, bad indentation or an "
+            "unquoted ':' are the usual causes)."
+        ) from None
+    except yaml.YAMLError as e:
+        raise JobError(f"{path}: not valid YAML ({e}). Try a YAML mapping of sections.") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise JobError(
+            f"{path}: the config is a YAML {type(raw).__name__}, not a mapping of sections. Try top-level "
+            "keys input:, output:, model: ... as in jobs/configs/demo.yaml."
+        )
+    return raw
 
 
 class ColumnsConfig(_Strict):
@@ -53,12 +104,70 @@ class InputConfig(_Strict):
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Input column names.")
     media_root: str | None = Field(
         None,
-        description="Directory that relative media paths are resolved against (default: the input's directory).",
+        description=(
+            "Directory or URL prefix that relative media paths are resolved against (default: the input's "
+            "directory). Rows are untrusted: a media path may reach only this and allowed_media_roots."
+        ),
     )
-    allow_http: bool = Field(False, description="Allow media paths that are http(s) URLs to be fetched.")
+    allowed_media_roots: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Places besides media_root a row's media path may reach: absolute local directories or URL "
+            "prefixes (s3://bucket/dir/, https://host/dir/). Any other path is refused (MEDIA_PATH_REFUSED)."
+        ),
+    )
+    remote_protocols: list[str] = Field(
+        default_factory=lambda: ["s3", "gs", "gcs", "az", "abfs", "abfss"],
+        description=(
+            "URL protocols (fsspec names) a row's media path may use; allow_http adds http and https. "
+            "Chained URLs ('simplecache::...') are always refused; file:// is a local path."
+        ),
+    )
+    allow_http: bool = Field(
+        False,
+        description="Allow media paths that are http(s) URLs (still only under media_root or allowed_media_roots).",
+    )
     limit: int | None = Field(
         None, ge=1, description="Process only the first N rows (a quick run on a real cluster)."
     )
+
+    @model_validator(mode="after")
+    def _check_media_reach(self) -> InputConfig:
+        for name in self.remote_protocols:
+            _check_protocol_name(name)
+        remote = {p.lower() for p in self.remote_protocols}
+        remote |= {"http", "https"} if self.allow_http else set()
+        for root in self.allowed_media_roots:
+            _check_media_root(root, remote)
+        return self
+
+
+def _check_protocol_name(name: str) -> None:
+    where = f"input.remote_protocols entry {name!r}"
+    if name.lower() in ("http", "https"):
+        raise ValueError(f"{where}: http(s) follows input.allow_http. Try input.allow_http: true instead.")
+    if name.lower() in ("file", "local"):
+        raise ValueError(
+            f"{where}: local files follow input.media_root and input.allowed_media_roots. Try removing it."
+        )
+    if not name.replace("-", "").isalnum():
+        raise ValueError(f"{where} is not a protocol name. Try a bare name such as 's3'.")
+
+
+def _check_media_root(root: str, remote: set[str]) -> None:
+    where = f"input.allowed_media_roots entry {root!r}"
+    scheme = root.split("://", 1)[0].lower() if "://" in root else ""
+    if "::" in root:
+        raise ValueError(f"{where} is a chained URL. Try a plain URL.")
+    if scheme and scheme != "file" and scheme not in remote:
+        raise ValueError(
+            f"{where} uses protocol {scheme!r}, which rows may not use. Try adding it to "
+            "input.remote_protocols (http and https: input.allow_http: true)."
+        )
+    if not scheme and not Path(root).is_absolute():
+        raise ValueError(
+            f"{where} is relative. Try an absolute path or a URL prefix such as s3://bucket/dir/."
+        )
 
 
 class OutputConfig(_Strict):
@@ -67,10 +176,20 @@ class OutputConfig(_Strict):
         "resume",
         description=(
             "What to do when the output already holds rows: 'resume' skips input ids already written, "
-            "'overwrite' deletes the old parts first, 'error' refuses to run."
+            "'overwrite' writes a whole new output beside the old one and swaps it in only when the run is "
+            "complete and audited (the old output stays readable until then), 'error' refuses to run."
         ),
     )
     rows_per_file: int = Field(10_000, ge=1, description="Upper bound on rows in one Parquet part file.")
+    commit_every_rows: int = Field(
+        1_000,
+        ge=1,
+        description=(
+            "Commit a part file at least every this many output rows (a part never holds more): a run that "
+            "is killed loses at most about this many rows per write task, and resume carries on from the "
+            "rest. Smaller: less lost on a kill, more and smaller files."
+        ),
+    )
 
 
 class PromptConfig(_Strict):
@@ -97,6 +216,38 @@ class MediaConfig(_Strict):
         ge=1,
         description="Reject images with more pixels than this before decoding (decompression bombs).",
     )
+    max_image_bytes: int = Field(
+        320_000_000,
+        ge=1,
+        description=(
+            "Reject images whose decoded size, pixels x bytes per pixel (bands x bytes per sample: 8 for a "
+            "16-bit RGBA PNG), is over this, checked before decoding (IMAGE_TOO_LARGE). Default: 80 MP at 4."
+        ),
+    )
+    max_media_bytes: int = Field(
+        64 * 2**20,
+        ge=1,
+        description=(
+            "Reject a media item (file, object or embedded bytes) larger than this (MEDIA_TOO_LARGE). Files "
+            "are read with a bounded read, so a huge or endless one is never read whole."
+        ),
+    )
+    max_audio_samples: int = Field(
+        1800 * 48_000 * 2,
+        ge=1,
+        description=(
+            "Reject audio whose decoded size, frames x channels, is over this, checked from its header before "
+            "decoding (AUDIO_TOO_LARGE). Default: 30 min of 48 kHz stereo (660 MiB as float32)."
+        ),
+    )
+    preprocess_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Time limit for preparing one row in the CPU stage; a row past it becomes a PREPROCESS_TIMEOUT "
+            "error row and the rest of its batch goes on."
+        ),
+    )
     max_audio_seconds: float = Field(
         1800.0, gt=0, description="Reject audio clips longer than this (AUDIO_TOO_LONG)."
     )
@@ -118,6 +269,14 @@ class MediaConfig(_Strict):
         description=(
             "When a row's image tokens push it over engine.max_model_len: 'reject' (PROMPT_TOO_LONG) or "
             "'downscale' the images until the row fits (recorded in the output's media_adjustments)."
+        ),
+    )
+    image_aspect: Literal["reject", "pad"] = Field(
+        "reject",
+        description=(
+            "Pictures so elongated that the checkpoint's processor refuses them (a side under 10 px once fitted "
+            "to the crop grid): 'reject' (IMAGE_ASPECT_RATIO_UNSUPPORTED) or 'pad' them white on their short "
+            "side, centred, just enough to fit (recorded in the output's media_adjustments)."
         ),
     )
     long_audio: Literal["single", "chunk"] = Field(
@@ -162,6 +321,7 @@ class ModelConfig(_Strict):
     )
     max_lora_rank: int | None = Field(
         None,
+        ge=1,
         description="Override the LoRA rank bound; by default read from the adapters' adapter_config.json.",
     )
 
@@ -336,8 +496,12 @@ class JobConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> JobConfig:
-        """Load a YAML config; relative local paths in it are resolved against the YAML's directory."""
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        """Load a YAML config; relative local paths in it are resolved against the YAML's directory.
+
+        A file that is missing, not YAML, not a mapping or that repeats a key raises ``JobError`` (one line
+        naming the file and line); a mapping that is not a valid config raises pydantic's ValidationError.
+        """
+        raw = _read_yaml_mapping(Path(path))
         for section, key in (
             ("input", "path"),
             ("output", "path"),
@@ -345,14 +509,17 @@ class JobConfig(_Strict):
             ("input", "media_root"),
             ("engine", "compile_cache_dir"),
         ):
-            value = (raw.get(section) or {}).get(key)
+            node = raw.get(section)
+            value = node.get(key) if isinstance(node, dict) else None  # a non-mapping: pydantic says so
             if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-                raw[section][key] = str((Path(path).parent / value).resolve())
+                node[key] = str((Path(path).parent / value).resolve())
         for dotted, value in (overrides or {}).items():
             node = raw
             *parents, leaf = dotted.split(".")
             for p in parents:
-                node = node.setdefault(p, {})
+                if not isinstance(node.get(p), dict):
+                    node[p] = {}  # the override wins over a malformed section
+                node = node[p]
             node[leaf] = value
         return cls.model_validate(raw)
 

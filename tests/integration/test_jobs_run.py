@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
@@ -79,7 +81,36 @@ def test_local_run_of_the_demo_config(tiny_model, sample, tmp_path):
     again = subprocess.run(
         cmd + ["--mode", "error"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600
     )
-    assert again.returncode != 0 and "Try output.mode" in again.stderr + again.stdout
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "Try output.mode" in again.stderr
+
+
+def _wait_for_job_server(ray: str, url: str, env: dict, timeout_s: float = 300) -> None:
+    """`ray start` returns before the dashboard and the head node's job agent are up: a submit right away
+    failed once on a loaded 2-core machine with "No available agent to submit job". Wait, with a deadline,
+    until the dashboard answers and then until a no-op job runs through the whole job path."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=5) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"the dashboard at {url} did not answer within {timeout_s} s"
+        time.sleep(0.5)
+    last = ""
+    while time.monotonic() < deadline:
+        probe = [ray, "job", "submit", f"--address={url}", "--", "python", "-c", "pass"]
+        try:
+            done = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as e:
+            last = f"timed out: {e}"
+            continue
+        if done.returncode == 0:
+            return
+        last = done.stdout[-1500:] + done.stderr[-1500:]
+        time.sleep(2)
+    raise AssertionError(f"the job server at {url} ran no job within {timeout_s} s: {last}")
 
 
 def test_ray_job_submit_against_a_running_cluster(tiny_model, sample, tmp_path):
@@ -89,8 +120,9 @@ def test_ray_job_submit_against_a_running_cluster(tiny_model, sample, tmp_path):
     short_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     start = [ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
              "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={short_tmp}"]  # fmt: skip
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=300)
     try:
+        _wait_for_job_server(ray, f"http://127.0.0.1:{dash}", env)
         out = tmp_path / "out"
         submit = [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
                   "python", "-m", "jobs.run", "--config", DEMO, "--input", str(sample), "--output", str(out),

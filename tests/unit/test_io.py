@@ -1,10 +1,32 @@
-"""Output commit protocol: atomic parts, output modes, resume and the audit."""
+"""Output commit protocol: atomic parts, bounded commits, output modes and the overwrite swap, stale files,
+the one-writer lock, row identity across id types, and the audit."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.io import TMP_DIR, audit, committed_ids, committed_parts, prepare_output, write_part_files
+import pipelines.io as io
+from pipelines.io import (
+    TMP_DIR,
+    audit,
+    commit_run,
+    committed_ids,
+    committed_parts,
+    id_strings,
+    prepare_output,
+    staging_name,
+    write_in_parts,
+    write_part_files,
+)
+from pipelines.lock import LOCK_NAME, LockLost, OutputLock, assert_lock_held, read_lock
+from schemas.errors import JobError
 from schemas.job import OutputConfig
 from schemas.rows import OUTPUT_SCHEMA
 
@@ -14,6 +36,10 @@ def _rows(ids, status="ok"):
         [{"id": i, "status": status, "prompt_tokens": 10, "completion_tokens": 2} for i in ids],
         schema=OUTPUT_SCHEMA,
     )
+
+
+def _out_ids(path):
+    return sorted(pq.read_table(path).column("id").to_pylist())  # as a plain pyarrow reader sees it
 
 
 def test_parts_are_whole_and_split_by_rows_per_file(tmp_path):
@@ -32,27 +58,105 @@ def test_retried_task_replaces_its_own_part(tmp_path):
 
 
 def test_a_crash_mid_write_leaves_no_visible_part(tmp_path, monkeypatch):
-    import pipelines.io as io
-
-    def crash(*args, **kwargs):
+    def crash(table, sink, **kwargs):
+        sink.write(b"PAR1 half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(io.pq, "write_table", crash)
     with pytest.raises(OSError):
         write_part_files(_rows(["a"]), str(tmp_path), "run1", 0, 10)
     assert committed_parts(str(tmp_path)) == []
+    assert list((tmp_path / TMP_DIR).iterdir()) == []  # the half-written file went too
+
+
+def test_a_write_task_commits_every_part_rows(tmp_path):
+    blocks = [_rows([f"r{i}" for i in range(k, k + 3)]) for k in (0, 3, 6)]
+    stats = write_in_parts(iter(blocks), str(tmp_path), "run1", 7, part_rows=4)
+    sizes = [pq.read_metadata(tmp_path / name).num_rows for name in stats.files]
+    assert sizes == [4, 4, 1] and stats.rows == 9
+    assert stats.files == [f"part-run1-000007-{i:04d}.parquet" for i in range(3)]
 
 
 def test_output_modes(tmp_path):
     out = str(tmp_path / "out")
     assert len(prepare_output(OutputConfig(path=out, mode="error"))) == 0  # empty output: fine
     write_part_files(_rows(["a", "b"]), out, "run1", 0, 10)
-    with pytest.raises(FileExistsError, match="Try output.mode"):
+    with pytest.raises(JobError, match="Try output.mode"):
         prepare_output(OutputConfig(path=out, mode="error"))
     assert sorted(prepare_output(OutputConfig(path=out, mode="resume")).to_pylist()) == ["a", "b"]
     assert committed_parts(out)  # resume keeps the parts
     assert len(prepare_output(OutputConfig(path=out, mode="overwrite"))) == 0
-    assert committed_parts(out) == []
+    assert _out_ids(out) == ["a", "b"]  # overwrite too, until its own run is complete
+
+
+def test_overwrite_is_staged_and_swapped_in_whole(tmp_path):
+    out = str(tmp_path / "out")
+    write_part_files(_rows(["a", "b"]), out, "old", 0, 10)
+    prepare_output(OutputConfig(path=out, mode="overwrite"))
+    write_part_files(_rows(["x", "y", "z"]), out, "new", 0, 2, into=staging_name("new"))
+    assert _out_ids(out) == ["a", "b"]  # staged parts are invisible to readers
+    assert audit(pa.array(["x", "y", "z"]), f"{out}/{staging_name('new')}").ok
+    marker = commit_run(out, "new", "overwrite", [])
+    assert _out_ids(out) == ["x", "y", "z"]
+    assert marker["replaces"] == ["part-old-000000-0000.parquet"] and len(marker["parts"]) == 2
+    assert json.loads((tmp_path / "out" / "_committed-new.json").read_text()) == marker
+    assert not (tmp_path / "out" / staging_name("new")).exists()
+
+
+def test_a_swap_cut_short_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    write_part_files(_rows(["a"]), out, "old", 0, 10)
+    write_part_files(_rows(["x"]), out, "new", 0, 10, into=staging_name("new"))
+    real_swap = io._swap
+    monkeypatch.setattr(io, "_swap", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # dies mid-swap
+    with pytest.raises(KeyboardInterrupt):
+        commit_run(out, "new", "overwrite", [])
+    assert _out_ids(out) == ["a"]  # the marker is written, nothing moved yet
+    monkeypatch.setattr(io, "_swap", real_swap)
+    assert prepare_output(OutputConfig(path=out, mode="resume")).to_pylist() == ["x"]
+    assert _out_ids(out) == ["x"]
+
+
+def test_stale_temporary_files_are_removed(tmp_path, caplog):
+    out = tmp_path / "out"
+    write_part_files(_rows(["a"]), str(out), "r1", 0, 10)
+    (out / TMP_DIR / "part-dead-000000-0000.parquet.123abc").write_bytes(b"PAR1 half")
+    (out / "_staging-dead").mkdir()
+    (out / "_staging-dead" / "part-dead-000001-0000.parquet").write_bytes(b"never committed")
+    (out / "_lock.0f0f.tmp").write_text("{}")
+    with caplog.at_level(logging.WARNING):
+        prepare_output(OutputConfig(path=str(out), mode="resume"))
+    assert "removed 3 stale temporary files" in caplog.text
+    assert list((out / TMP_DIR).iterdir()) == [] and not (out / "_staging-dead").exists()
+    assert not (out / "_lock.0f0f.tmp").exists() and _out_ids(out) == ["a"]
+
+
+@pytest.mark.parametrize(
+    "ids,expected",
+    [
+        (pa.array([1, 2, 30], pa.int32()), ["1", "2", "30"]),
+        (pa.array([1, 2, 30], pa.int64()), ["1", "2", "30"]),
+        (pa.array([1.0, 2.5, 1e20]), ["1", "2.5", "1e+20"]),
+        (pa.array([0.1, 2.0], pa.float32()), ["0.1", "2"]),
+        (pa.array(["a", "b"], pa.string()), ["a", "b"]),
+        (pa.array(["a", "b"], pa.large_string()), ["a", "b"]),
+        (pa.array([b"a", b"b"], pa.binary()), ["a", "b"]),
+        (pa.array(["a", "b", "a"]).dictionary_encode(), ["a", "b", "a"]),
+    ],
+    ids=lambda v: str(v.type) if isinstance(v, pa.Array) else None,
+)
+def test_ids_of_any_type_compare_the_same_on_write_resume_and_audit(tmp_path, ids, expected):
+    assert id_strings(ids).to_pylist() == expected
+    out = str(tmp_path / "out")
+    write_part_files(_rows(id_strings(ids[:1]).to_pylist()), out, "r1", 0, 10)  # what the pipeline writes
+    assert prepare_output(OutputConfig(path=out, mode="resume")).to_pylist() == expected[:1]
+    write_part_files(_rows(id_strings(ids[1:]).to_pylist()), out, "r2", 0, 10)
+    assert audit(ids, out).ok  # the input's own type against the output's strings
+
+
+def test_ids_without_a_text_form_are_refused():
+    with pytest.raises(pa.ArrowInvalid):
+        id_strings(pa.array([b"\xff\xfe"], pa.binary()))
 
 
 def test_audit_counts_missing_and_duplicates(tmp_path):
@@ -66,3 +170,69 @@ def test_audit_counts_missing_and_duplicates(tmp_path):
     assert (dup.missing_ids, dup.duplicate_ids, dup.ok) == (0, 1, False)
     # an id that is duplicated in the input may appear twice in the output
     assert audit(pa.array(["a", "a", "b", None]), out).ok
+
+
+def test_audit_of_a_limited_run_checks_exactly_its_ids(tmp_path):
+    out = str(tmp_path)
+    write_part_files(_rows(["a", "b", "c"]), out, "r1", 0, 10)
+    inputs = pa.array(["a", "b", "c", "d"])
+    first_two = audit(inputs, out, run_ids=inputs[:2])
+    assert first_two.ok and (first_two.input_rows, first_two.output_rows) == (2, 2)
+    assert not audit(inputs, out, run_ids=inputs[2:]).ok  # "d" is missing
+    write_part_files(_rows(["stray"]), out, "r2", 0, 10)
+    stray = audit(inputs, out, run_ids=inputs[:2])
+    assert (stray.unexpected_ids, stray.ok) == (1, False)  # a row whose id is not in the input at all
+
+
+def test_one_writer_per_output(tmp_path):
+    out = str(tmp_path / "out")
+    with OutputLock(out, "first"):
+        held = read_lock(out)
+        assert (held.run_id, held.pid, held.host) == ("first", os.getpid(), socket.gethostname())
+        with pytest.raises(JobError, match=rf"output {out} is being written by run first .*Try again"):
+            OutputLock(out, "second").acquire()
+        assert_lock_held(out, "first")
+        with pytest.raises(LockLost):
+            assert_lock_held(out, "second")
+    assert read_lock(out) is None  # released
+    OutputLock(out, "second").acquire().release()
+
+
+def _write_lock(out, **fields):
+    info = {"run_id": "dead", "host": socket.gethostname(), "pid": 1, "started": time.time()}
+    info |= {"heartbeat": time.time()} | fields
+    (out / LOCK_NAME).write_text(json.dumps(info))
+
+
+def test_a_lock_whose_run_died_is_taken_over_and_logged(tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    _write_lock(out, pid=ended.pid)  # this host, a process that has ended
+    with caplog.at_level(logging.WARNING), OutputLock(str(out), "next") as lock:
+        assert lock.took_over.run_id == "dead" and read_lock(str(out)).run_id == "next"
+    assert "taking over the lock" in caplog.text and f"process {ended.pid}" in caplog.text
+    _write_lock(out, host="elsewhere", heartbeat=time.time() - 3600)  # another host, silent for an hour
+    with OutputLock(str(out), "later") as lock:
+        assert lock.took_over.host == "elsewhere"
+    _write_lock(out, host="elsewhere")  # another host, fresh heartbeat: still running
+    with pytest.raises(JobError, match="being written by run dead"):
+        OutputLock(str(out), "again").acquire()
+
+
+def test_the_heartbeat_keeps_the_lock_fresh(tmp_path):
+    out = str(tmp_path / "out")
+    with OutputLock(out, "r1", heartbeat_s=0.05):
+        first = read_lock(out).heartbeat
+        time.sleep(0.3)
+        assert read_lock(out).heartbeat > first
+
+
+def test_a_run_that_lost_its_lock_commits_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _write_lock(out, run_id="newer")
+    with pytest.raises(LockLost, match="no longer holds the lock"):
+        write_part_files(_rows(["a"]), str(out), "older", 0, 10, lock_run_id="older")
+    assert committed_parts(str(out)) == [] and list((out / TMP_DIR).iterdir()) == []

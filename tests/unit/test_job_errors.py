@@ -1,0 +1,233 @@
+"""Job-level mistakes: `python -m jobs.run` exits 2 with one line on stderr that names the file, key or
+path and says what to try, before Ray starts and before the output is touched."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.run import main
+from pipelines.io import write_part_files
+from schemas.rows import OUTPUT_SCHEMA
+from tests.helpers import REPO
+
+
+@pytest.fixture
+def job(tmp_path):
+    """A model directory with the files validation looks for, a small input and a config writer."""
+    model = tmp_path / "model"
+    for sub in ("vision-lora", "speech-lora"):
+        (model / sub).mkdir(parents=True)
+        (model / sub / "adapter_config.json").write_text('{"r": 8}')
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "in"
+    data.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["x", "y", "z"]}), data / "one.parquet")
+
+    class Job:
+        path, input, output = tmp_path, data, tmp_path / "out"
+
+        @staticmethod
+        def config(text: str | None = None, **sections) -> str:
+            raw = {
+                "input": {"path": str(data)},
+                "output": {"path": str(tmp_path / "out")},
+                "model": {"path": str(model)},
+            }
+            for name, values in sections.items():
+                raw.setdefault(name, {}).update(values)
+            cfg = tmp_path / "job.yaml"
+            cfg.write_text(text if text is not None else yaml.safe_dump(raw))
+            return str(cfg)
+
+    return Job
+
+
+def _snapshot(path):
+    if not path.exists():
+        return None
+    return sorted((str(p.relative_to(path)), p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+
+def _fails(job, capsys, args, *needles):
+    """Run main(args): exit status 2, exactly one stderr line naming ``needles`` with advice, output untouched."""
+    before = _snapshot(job.output)
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("phi4mm-batch: error: ") and "Try" in lines[0], lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert _snapshot(job.output) == before  # not created, not changed
+    return lines[0]
+
+
+def test_yaml_syntax_error_names_the_line(job, capsys):
+    cfg = job.config("input:\n  path: x\nmodel: {path: [y\n")
+    _fails(job, capsys, ["--config", cfg], cfg, "line 4")
+
+
+def test_a_top_level_list_is_refused(job, capsys):
+    cfg = job.config("- input\n- output\n")
+    _fails(job, capsys, ["--config", cfg], cfg, "not a mapping")
+
+
+def test_a_key_given_twice_is_refused(job, capsys):
+    cfg = job.config()
+    with open(cfg, "a") as f:
+        f.write("model:\n  path: /elsewhere\n")  # a second model section would silently replace the first
+    _fails(job, capsys, ["--config", cfg], "key 'model' is given twice", "line")
+
+
+def test_a_missing_config_file(job, capsys):
+    _fails(job, capsys, ["--config", str(job.path / "nope.yaml")], "nope.yaml", "does not exist")
+
+
+def test_validation_errors_are_one_line_per_field(job, capsys):
+    cfg = job.config(model={"max_lora_rank": -8})
+    _fails(job, capsys, ["--config", cfg], "model.max_lora_rank", "greater than or equal to 1", "-8")
+    cfg = job.config(engine={"max_model_lenn": 1})
+    _fails(job, capsys, ["--config", cfg], "engine.max_model_lenn: unknown key")
+    cfg = job.config(engine={"max_model_len": 100}, sampling={"max_tokens": 100})  # a cross-field check
+    _fails(job, capsys, ["--config", cfg], "sampling.max_tokens (100)")
+
+
+def test_two_bad_fields_give_two_lines(job, capsys):
+    cfg = job.config(model={"max_lora_rank": 0}, engine={"dynamic_hd": 0})
+    assert main(["--config", cfg]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "model.max_lora_rank" in lines[0] and "engine.dynamic_hd" in lines[1]
+
+
+def test_limit_zero_is_refused(job, capsys):
+    _fails(job, capsys, ["--config", job.config(), "--limit", "0"], "--limit", "at least 1")
+
+
+def test_a_missing_input_path(job, capsys):
+    missing = str(job.path / "no-such-input")
+    _fails(
+        job, capsys, ["--config", job.config(), "--input", missing], "input.path", missing, "does not exist"
+    )
+
+
+def test_a_directory_without_parquet_files(job, capsys):
+    empty = job.path / "empty"
+    empty.mkdir()
+    (empty / "_hidden.parquet").write_bytes(b"skipped like Ray skips it")
+    _fails(job, capsys, ["--config", job.config(), "--input", str(empty)], str(empty), "no .parquet files")
+
+
+@pytest.mark.parametrize("what", ["missing", "no config.json", "no adapters"])
+def test_a_bad_model_directory(job, capsys, what):
+    model = job.path / "model"
+    if what == "missing":
+        model = job.path / "no-model"
+        needle = "does not exist"
+    elif what == "no config.json":
+        (model / "config.json").unlink()
+        needle = "no config.json"
+    else:
+        (model / "speech-lora" / "adapter_config.json").unlink()
+        needle = "model.use_lora: false"
+    _fails(job, capsys, ["--config", job.config(), "--model", str(model)], "model.path", str(model), needle)
+
+
+def test_a_corrupt_file_in_the_input_directory_is_named(job, capsys):
+    (job.input / "two.parquet").write_bytes(b"PAR1 this is not parquet")
+    _fails(
+        job, capsys, ["--config", job.config()], str(job.input / "two.parquet"), "not a readable Parquet file"
+    )
+
+
+def test_unmergeable_schemas_name_the_files_and_the_column(job, capsys):
+    pq.write_table(pa.table({"id": ["d"], "prompt": [[1, 2]]}), job.input / "two.parquet")
+    line = _fails(job, capsys, ["--config", job.config()], "'prompt'", "one.parquet", "two.parquet")
+    assert "list<" in line
+
+
+def test_a_wrong_id_column(job, capsys):
+    cfg = job.config(input={"columns": {"id": "key"}})
+    _fails(job, capsys, ["--config", cfg], "no id column 'key'", "input.columns.id")
+
+
+def test_null_and_empty_ids_are_refused_with_their_rows(job, capsys):
+    pq.write_table(pa.table({"id": ["d", None, ""], "prompt": ["x"] * 3}), job.input / "two.parquet")
+    _fails(job, capsys, ["--config", job.config()], "null or empty in 2 rows", "two.parquet row 1", "row 2")
+
+
+def test_duplicate_ids_are_refused_and_listed(job, capsys):
+    pq.write_table(pa.table({"id": ["c", "a", "a", "q"], "prompt": ["x"] * 4}), job.input / "two.parquet")
+    _fails(job, capsys, ["--config", job.config()], "not unique", "'a' x3", "'c' x2")
+
+
+def test_float_ids_that_collide_as_text_are_duplicates(job, capsys):
+    pq.write_table(pa.table({"id": [1.0, 2.5], "prompt": ["x"] * 2}), job.input / "one.parquet")
+    pq.write_table(pa.table({"id": [1.0], "prompt": ["x"]}), job.input / "two.parquet")
+    _fails(job, capsys, ["--config", job.config()], "'1' x2")
+
+
+def test_binary_ids_that_are_not_text_are_refused(job, capsys):
+    pq.write_table(
+        pa.table({"id": pa.array([b"\xff\x00"], pa.binary()), "prompt": ["x"]}), job.input / "one.parquet"
+    )
+    _fails(job, capsys, ["--config", job.config()], "input.columns.id 'id'", "binary")
+
+
+def _existing_output(job):
+    rows = pa.Table.from_pylist([{"id": "a", "status": "ok"}], schema=OUTPUT_SCHEMA)
+    write_part_files(rows, str(job.output), "old", 0, 10)
+
+
+def test_mode_error_on_existing_output(job, capsys):
+    _existing_output(job)
+    _fails(
+        job, capsys, ["--config", job.config(), "--mode", "error"], str(job.output), "Try output.mode: resume"
+    )
+
+
+def test_an_overwrite_that_fails_validation_leaves_the_old_output(job, capsys):
+    _existing_output(job)
+    cfg = job.config(input={"columns": {"id": "key"}}, output={"mode": "overwrite"})
+    _fails(job, capsys, ["--config", cfg], "no id column")
+    assert pq.read_table(job.output).column("id").to_pylist() == ["a"]
+
+
+def test_an_output_inside_the_input_is_refused(job, capsys):
+    inside = str(job.input / "out")
+    _fails(job, capsys, ["--config", job.config(), "--output", inside], "is inside input.path")
+
+
+def test_an_output_another_run_writes_is_refused(job, capsys):
+    job.output.mkdir()
+    lock = {"run_id": "busy-run", "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    (job.output / "_lock").write_text(json.dumps(lock | {"heartbeat": time.time()}))
+    _fails(job, capsys, ["--config", job.config()], f"output {job.output} is being written by run busy-run")
+
+
+def test_a_run_id_the_output_already_holds(job, capsys):
+    _existing_output(job)
+    _fails(job, capsys, ["--config", job.config(), "--run-id", "old"], "run id old already wrote")
+
+
+def test_the_cli_prints_one_line_and_nothing_else(job):
+    cfg = job.config(model={"max_lora_rank": -1})
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.run", "--config", cfg],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert (
+        proc.stderr.count("\n") == 1
+        and "model.max_lora_rank" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
