@@ -147,8 +147,10 @@ VARIANTS = {
         "engine": {"gpu_memory_utilization": 0.42},
         "resources": {"generate": {"concurrency": 2, "num_gpus": 0.5}},
     },
+    # The pipeline without adapters on the same rows: what LoRA routing costs the pipeline.
+    "pipeline-nolora": {"model": {"use_lora": False}},
 }
-SIDES = ["plain", "pipeline", "pipeline-shared", "engine"]
+SIDES = ["plain", "pipeline", "pipeline-shared", "pipeline-nolora", "engine"]
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -228,7 +230,12 @@ def run_side(mode: str, config: Path, work: Path, monitor: Monitor, lora_cost: i
 
 def ratios(sides: dict) -> dict:
     out = {}
-    for name in (s for s in sides if s.startswith("pipeline")):
+    if "pipeline" in sides and "pipeline-nolora" in sides:  # below 1: what LoRA costs
+        for k in ("rows_per_s", "steady.rows_per_s"):
+            out[f"pipeline_lora_over_nolora.{k}"] = round(
+                sides["pipeline"][k] / sides["pipeline-nolora"][k], 3
+            )
+    for name in (s for s in sides if s.startswith("pipeline") and s != "pipeline-nolora"):
         p = sides[name]
         if "plain" in sides:
             q = sides["plain"]

@@ -12,7 +12,8 @@
   the new parts in and delete the old ones. A reader sees the old output until then, never none; a swap
   cut short is finished by the next run, which reads the marker;
 - row ids are compared in one string form (``id_strings``) on write, resume and audit;
-- the audit checks that every id a run answers for has exactly one output row.
+- the audit checks that every id a run answers for has exactly one output row, in bounded memory
+  (``pipelines.ids``: hash buckets of at most about a million ids).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.ids import IdColumn, array_batches, id_strings, partition
 from schemas.errors import JobError
 from schemas.job import OutputConfig
 from schemas.rows import OUTPUT_SCHEMA
@@ -54,18 +56,6 @@ def _exists(fs: pafs.FileSystem, path: str) -> bool:
 
 def _name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
-
-
-def id_strings(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Row ids in the one string form used on write, resume and the audit alike, whatever their Arrow type:
-    Arrow's own cast, so a float id 1.0 is "1" in the output, in resume's skip set and in the audit (the
-    CPU stage's ``str()`` would have made it "1.0"). Nulls stay null. Raises ``pa.ArrowInvalid`` for ids
-    without a text form (binary that is not UTF-8), ``pa.ArrowNotImplementedError`` for nested types."""
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    if pa.types.is_dictionary(ids.type):
-        ids = ids.dictionary_decode()
-    return ids if ids.type == pa.string() else pc.cast(ids, pa.string())
 
 
 def staging_name(run_id: str) -> str:
@@ -367,6 +357,10 @@ class Audit:
     duplicate_ids: int
     unexpected_ids: int = 0  # output rows whose id is not in the input at all
 
+    def plus(self, other: Audit) -> Audit:
+        """The audit of two disjoint sets of ids (two buckets): every count adds up."""
+        return Audit(**{k: getattr(self, k) + getattr(other, k) for k in self.__dataclass_fields__})
+
     @property
     def ok(self) -> bool:
         return (
@@ -378,19 +372,64 @@ class Audit:
 
 
 _NULL_KEY = "\x00null"  # joins never match nulls: they get a key no real id can have
+_INPUT, _RUN, _OUTPUT = 0, 1, 2  # which stream a bucket row comes from
+_AUDIT_SCHEMA = pa.schema([("id", pa.string()), ("src", pa.int8())])
+
+IdsLike = pa.Array | pa.ChunkedArray | IdColumn  # ids in memory, or a column streamed from Parquet files
 
 
-def audit(input_ids: pa.Array, output_uri: str, run_ids: pa.Array | None = None) -> Audit:
+def output_ids(uri: str) -> IdColumn:
+    """The ``id`` column of the output's part files, to stream (``committed_ids`` reads it whole)."""
+    fs, _ = _fs_and_path(uri)
+    return IdColumn.of_files(fs, committed_parts(uri), "id", uri)
+
+
+def audit(input_ids: IdsLike, output_uri: str, run_ids: IdsLike | None = None) -> Audit:
     """Compare the ids a run answers for, ``run_ids`` (default: every input id), with every committed
     output row: each appears in the output as often as in the input, so exactly once for unique ids.
 
     ``input_rows`` / ``output_rows`` count the run's ids and the output rows that carry one of them:
     output rows for other input ids (a ``--limit`` run resuming into a fuller output) are not this run's.
-    Output rows whose id is not in the input at all are ``unexpected_ids`` and fail the audit."""
-    out_ids = committed_ids(output_uri)
-    inputs = pc.fill_null(id_strings(input_ids), _NULL_KEY)
-    expected = inputs if run_ids is None else pc.fill_null(id_strings(run_ids), _NULL_KEY)
-    out_ids = pc.fill_null(out_ids, _NULL_KEY)
+    Output rows whose id is not in the input at all are ``unexpected_ids`` and fail the audit.
+
+    Every count is per id, so the ids (input, run, output) are hash-partitioned together
+    (``pipelines.ids.partition``) and each bucket is counted on its own: the driver holds one bucket of
+    ids, not all of them."""
+    outputs = output_ids(output_uri)
+    streams = [(_INPUT, input_ids), (_OUTPUT, outputs)] + ([(_RUN, run_ids)] if run_ids is not None else [])
+    rows = sum(_rows(ids) for _, ids in streams)
+    total = Audit(0, 0, 0, 0, 0)
+    with partition(_tagged(streams), rows, _AUDIT_SCHEMA) as buckets:
+        for bucket in buckets:
+            total = total.plus(_audit_bucket(bucket, separate_run=run_ids is not None))
+    return total
+
+
+def _rows(ids: IdsLike) -> int:
+    return ids.rows if isinstance(ids, IdColumn) else len(ids)
+
+
+def _tagged(streams: list[tuple[int, IdsLike]]) -> Iterable[pa.Table]:
+    for src, ids in streams:
+        batches = ids.batches() if isinstance(ids, IdColumn) else array_batches(ids)
+        for _, _, batch in batches:
+            yield pa.table(
+                {
+                    "id": pc.fill_null(batch, _NULL_KEY),
+                    "src": pa.repeat(pa.scalar(src, pa.int8()), len(batch)),
+                }
+            )
+
+
+def _audit_bucket(bucket: pa.Table, separate_run: bool) -> Audit:
+    """The audit of the ids of one bucket (all occurrences of each of its ids, from every stream)."""
+
+    def of(src: int) -> pa.Array:
+        return bucket.filter(pc.equal(bucket.column("src"), src)).column("id").combine_chunks()
+
+    inputs = of(_INPUT)
+    expected = of(_RUN) if separate_run else inputs
+    out_ids = of(_OUTPUT)
     unexpected = int(pc.sum(pc.invert(pc.is_in(out_ids, value_set=inputs))).as_py() or 0)
     out_ids = out_ids.filter(pc.is_in(out_ids, value_set=expected))
     in_counts = pa.table({"id": expected}).group_by("id").aggregate([([], "count_all")])
@@ -399,12 +438,10 @@ def audit(input_ids: pa.Array, output_uri: str, run_ids: pa.Array | None = None)
     n_in = pc.fill_null(joined.column("count_all_in"), 0)
     n_out = pc.fill_null(joined.column("count_all_out"), 0)
     diff = pc.subtract(n_out, n_in)
-    missing = int(pc.sum(pc.if_else(pc.less(diff, 0), pc.negate(diff), 0)).as_py() or 0)
-    duplicates = int(pc.sum(pc.if_else(pc.greater(diff, 0), diff, 0)).as_py() or 0)
     return Audit(
         input_rows=len(expected),
         output_rows=len(out_ids),
-        missing_ids=missing,
-        duplicate_ids=duplicates,
+        missing_ids=int(pc.sum(pc.if_else(pc.less(diff, 0), pc.negate(diff), 0)).as_py() or 0),
+        duplicate_ids=int(pc.sum(pc.if_else(pc.greater(diff, 0), diff, 0)).as_py() or 0),
         unexpected_ids=unexpected,
     )

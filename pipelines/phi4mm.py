@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.ids import count_in
 from pipelines.io import audit, commit_run, id_strings, prepare_output, staging_name, write_manifest
 from pipelines.lock import OutputLock
 from pipelines.spec import StageSpec, apply
@@ -151,10 +152,14 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     out = config.output
     done_ids = prepare_output(out)
     # Input rows of this run found done, not output rows: those may include rows outside a --limit.
-    skipped = int(pc.sum(pc.is_in(plan.run_ids, value_set=done_ids)).as_py() or 0) if len(done_ids) else 0
+    # Without a limit the input's ids are streamed again (batch by batch), not held.
+    # (done_ids itself is the output's ids in memory: resume's skip set goes to Ray's tasks as it is.)
     keep_ids = None
-    if config.input.limit:
+    if plan.run_ids is not None:  # a --limit run: its few ids are in the plan
+        skipped = count_in([("", 0, plan.run_ids)], done_ids)
         keep_ids = plan.run_ids.filter(pc.invert(pc.is_in(plan.run_ids, value_set=done_ids)))
+    else:
+        skipped = count_in(plan.input_ids.batches(), done_ids)
     warn_if_resources_short(config)
     io_args = {"num_cpus": config.resources.io_num_cpus}
     ds = read_input(config, done_ids, keep_ids)
@@ -179,7 +184,8 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     wall_s = time.perf_counter() - started
     stats = sink.stats
     # An overwrite is audited where it was staged and swapped in only when whole: otherwise the old
-    # output stays as it was (and the staged parts are removed by the next run).
+    # output stays as it was (and the staged parts are removed by the next run). The audit streams the
+    # input's and the output's ids into hash buckets: bounded memory whatever the row count.
     check = audit(plan.input_ids, f"{out.path.rstrip('/')}/{into}" if into else out.path, plan.run_ids)
     committed = check.ok or out.mode != "overwrite"
     if committed:

@@ -2,8 +2,9 @@
 
     plan = validate_job(config)   # JobError: one line naming the file, key or path, ending in "Try ..."
 
-Reads only what it must: directory listings, the Parquet files' footers (their schemas) and the id
-column. Needs no Ray, so ``python -m jobs.run`` answers a mistake in seconds and exits 2 having changed
+Reads only what it must: directory listings, the Parquet files' footers (their schemas and row counts)
+and the id column, streamed batch by batch and checked in hash buckets of at most about a million ids
+(``pipelines.ids``), so validation's memory does not grow with the input. Needs no Ray, so ``python -m jobs.run`` answers a mistake in seconds and exits 2 having changed
 nothing. Files are listed as Ray reads them: ``*.parquet`` below ``input.path``, skipping names that start
 with ``_`` or ``.``.
 """
@@ -11,6 +12,7 @@ with ``_`` or ``.``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.io import check_output_mode, check_run_id_unused, id_strings
+from pipelines.ids import IdColumn, IdReadError, partition, shown
+from pipelines.io import check_output_mode, check_run_id_unused
 from schemas.errors import JobError
 from schemas.job import JobConfig, ModelConfig
 from schemas.model import PHI4MM
@@ -32,12 +35,18 @@ _SHOWN = 5  # offending ids or rows named in one message
 
 @dataclass(frozen=True)
 class JobPlan:
-    """What validation learnt, for the run: the input files and schema, and the ids."""
+    """What validation learnt, for the run: the input files and schema, where the ids are, and the ids of
+    a --limit run. Not every input id: those are streamed again from ``input_ids`` when needed."""
 
     files: list[str]
     schema: pa.Schema
-    input_ids: pa.Array  # every input id in string form (pipelines.io.id_strings), in input order
-    run_ids: pa.Array  # the ids this run answers for: all, or the first input.limit in input order
+    input_ids: IdColumn  # the input's id column (files, column, row count), streamed, never held whole
+    # A --limit run's ids: the first input.limit in input order, in string form. None: every input id.
+    run_ids: pa.Array | None
+
+    @property
+    def input_rows(self) -> int:
+        return self.input_ids.rows
 
 
 def validate_job(config: JobConfig, run_id: str | None = None) -> JobPlan:
@@ -45,14 +54,14 @@ def validate_job(config: JobConfig, run_id: str | None = None) -> JobPlan:
     With ``run_id``, also refuses a run id the output already holds parts of."""
     check_model(config.model)
     fs, files = input_files(config.input.path)
-    schema = input_schema(fs, files, config.input.path)
+    schema, rows = input_schema(fs, files, config.input.path)
     check_input_columns(config, schema)
-    input_ids = read_ids(fs, files, config.input.path, config.input.columns.id)
+    input_ids = IdColumn(fs, tuple(files), config.input.columns.id, config.input.path, rows)
+    run_ids = check_ids(input_ids, config.input.limit)
     check_output(config)
     if run_id is not None:
         check_run_id_unused(config.output.path, run_id)
-    limit = config.input.limit
-    return JobPlan(files, schema, input_ids, input_ids[:limit] if limit else input_ids)
+    return JobPlan(files, schema, input_ids, run_ids)
 
 
 def check_model(model: ModelConfig) -> None:
@@ -79,9 +88,7 @@ def check_model(model: ModelConfig) -> None:
                 )
 
 
-def _shown(uri: str, path: str) -> str:
-    """A file as the user knows it: with its URL scheme when the input is a URL."""
-    return f"{uri.split('://', 1)[0]}://{path}" if "://" in uri else path
+_shown = shown
 
 
 def input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -113,13 +120,14 @@ def input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, sorted(files)
 
 
-def input_schema(fs: pafs.FileSystem, files: list[str], uri: str) -> pa.Schema:
-    """The schema of all files together, read from their footers; names the file that is not Parquet
-    and the column whose types cannot be merged."""
+def input_schema(fs: pafs.FileSystem, files: list[str], uri: str) -> tuple[pa.Schema, int]:
+    """The schema of all files together and their row count, read from their footers; names the file
+    that is not Parquet and the column whose types cannot be merged."""
 
-    def read(path: str) -> pa.Schema:
+    def read(path: str) -> tuple[pa.Schema, int]:
         try:
-            return pq.read_schema(path, filesystem=fs)
+            with pq.ParquetFile(path, filesystem=fs) as f:
+                return f.schema_arrow, f.metadata.num_rows
         except (pa.ArrowInvalid, OSError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise JobError(
@@ -129,10 +137,11 @@ def input_schema(fs: pafs.FileSystem, files: list[str], uri: str) -> pa.Schema:
 
     # Footers are small reads; on object stores their latency dominates, so read several at once.
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
-        schemas = list(pool.map(read, files))
+        schemas, rows = zip(*pool.map(read, files), strict=True)
+    schemas = list(schemas)
     try:
         # As Ray merges them: 'permissive' widens int32 + int64 and fills columns some files lack.
-        return pa.unify_schemas(schemas, promote_options="permissive")
+        return pa.unify_schemas(schemas, promote_options="permissive"), sum(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         reason = str(e).splitlines()[0]
         raise JobError(
@@ -180,56 +189,97 @@ def check_input_columns(config: JobConfig, schema: pa.Schema) -> None:
             logger.info("input has no %r column; treating it as empty", c)
 
 
-def read_ids(fs: pafs.FileSystem, files: list[str], uri: str, column: str) -> pa.Array:
-    """Every input id in string form, in input order (files in path order, rows in file order); refuses
-    null, empty and repeated ids. Reads the id column only, but of every row, and holds it on the driver
-    (roughly 10-20 bytes per row beyond the ids themselves: ~0.5 GB for 10 M ids of 20 characters). The
-    audit needs the same ids at the end of the run anyway."""
+_CHECK_SCHEMA = pa.schema([("id", pa.string()), ("row", pa.int64())])  # row: position in the input
 
-    def read(path: str) -> pa.Array:
-        try:
-            ids = pq.read_table(path, columns=[column], filesystem=fs).column(0)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise JobError(
-                f"input file {_shown(uri, path)}: its id column {column!r} cannot be read ({str(e).splitlines()[0]}). "
-                "Try rewriting the file, or check input.columns.id."
-            ) from None
-        try:
-            return id_strings(ids)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise JobError(
-                f"input.columns.id {column!r} in {_shown(uri, path)} is {ids.type}, whose values have no text form "
-                f"({str(e).splitlines()[0]}). Try an id column of strings or integers."
-            ) from None
 
-    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:  # object stores: latency-bound
-        chunks = list(pool.map(read, files))
-    blanks, count = [], 0
-    for path, ids in zip(files, chunks, strict=True):
-        blank = pc.fill_null(pc.or_kleene(pc.is_null(ids), pc.equal(ids, "")), True)
-        for row in pc.indices_nonzero(blank).to_pylist()[: _SHOWN - len(blanks)]:
-            blanks.append(f"{_shown(uri, path)} row {row}")
-        count += int(pc.sum(blank).as_py() or 0)
-    if count:
+def check_ids(ids: IdColumn, limit: int | None = None) -> pa.Array | None:
+    """Refuse null, empty and repeated ids, naming the first ones in input order (files in path order,
+    rows in file order); return the first ``limit`` ids (None without a limit).
+
+    One streaming pass over the id column (that column only): blanks are counted on the way, and the ids
+    go into hash buckets (``pipelines.ids.partition``) where repeats are counted one bucket at a time, so
+    the driver holds about a million ids at most, whatever the input's size. A --limit run's first ids
+    are few and kept."""
+    blanks = _Blanks(ids.uri)
+    first: list[pa.Array] = []
+
+    def tables() -> Iterator[pa.Table]:
+        row, wanted = 0, limit or 0
+        for path, file_row, batch in _translated(ids):
+            blanks.add(path, file_row, batch)
+            if wanted:
+                first.append(batch[:wanted])
+                wanted -= len(first[-1])
+            yield pa.table({"id": batch, "row": pa.arange(row, row + len(batch))})
+            row += len(batch)
+
+    with partition(tables(), ids.rows, _CHECK_SCHEMA) as buckets:
+        blanks.refuse(ids.column)  # the pass is complete: every blank is counted
+        _refuse_repeated(buckets, ids.column)
+    if not limit:
+        return None
+    return pa.concat_arrays(first) if first else pa.array([], pa.string())
+
+
+def _translated(ids: IdColumn) -> Iterator[tuple[str, int, pa.Array]]:
+    """The id column's batches, with a read failure turned into the JobError that names the file."""
+    try:
+        yield from ids.batches()
+    except IdReadError as e:
+        where = _shown(ids.uri, e.path)
+        if e.kind == "text":
+            raise JobError(
+                f"input.columns.id {ids.column!r} in {where} is {e.id_type}, whose values have no text form "
+                f"({e.reason}). Try an id column of strings or integers."
+            ) from None
         raise JobError(
-            f"input.columns.id {column!r} is null or empty in {count} rows (first: {', '.join(blanks)}). Every row "
-            "needs its own id: resume and the audit match rows by it. Try filling them in, or another "
-            "input.columns.id."
-        )
-    ids = pa.concat_arrays(chunks) if len(chunks) > 1 else chunks[0]
-    _refuse_repeated(ids, column)
-    return ids
+            f"input file {where}: its id column {ids.column!r} cannot be read ({e.reason}). "
+            "Try rewriting the file, or check input.columns.id."
+        ) from None
 
 
-def _refuse_repeated(ids: pa.Array, column: str) -> None:
-    counts = pc.value_counts(ids)
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-    if not len(repeated):
+class _Blanks:
+    """Null or empty ids seen so far: how many, and where the first ones are."""
+
+    def __init__(self, uri: str):
+        self.uri, self.count, self.first = uri, 0, []
+
+    def add(self, path: str, file_row: int, ids: pa.Array) -> None:
+        blank = pc.fill_null(pc.or_kleene(pc.is_null(ids), pc.equal(ids, "")), True)
+        n = int(pc.sum(blank).as_py() or 0)
+        if not n:
+            return
+        for row in pc.indices_nonzero(blank).to_pylist()[: _SHOWN - len(self.first)]:
+            self.first.append(f"{_shown(self.uri, path)} row {file_row + row}")
+        self.count += n
+
+    def refuse(self, column: str) -> None:
+        if self.count:
+            raise JobError(
+                f"input.columns.id {column!r} is null or empty in {self.count} rows (first: "
+                f"{', '.join(self.first)}). Every row needs its own id: resume and the audit match rows by "
+                "it. Try filling them in, or another input.columns.id."
+            )
+
+
+_REPEATED_SCHEMA = pa.schema([("id", pa.string()), ("row_min", pa.int64()), ("count_all", pa.int64())])
+
+
+def _refuse_repeated(buckets: Iterable[pa.Table], column: str) -> None:
+    """Repeated ids, bucket by bucket; keeps only the _SHOWN that occur first and a count of the rest."""
+    first, repeated = _REPEATED_SCHEMA.empty_table(), 0
+    for bucket in buckets:
+        counts = bucket.group_by("id").aggregate([("row", "min"), ([], "count_all")])
+        counts = counts.filter(pc.greater(counts.column("count_all"), 1))
+        repeated += counts.num_rows
+        both = pa.concat_tables([first, counts.select(_REPEATED_SCHEMA.names).cast(_REPEATED_SCHEMA)])
+        first = both.sort_by("row_min").slice(0, _SHOWN)  # as the whole input's first repeats would be
+    if not repeated:
         return
-    shown = ", ".join(f"{r['values']!r} x{r['counts']}" for r in repeated.to_pylist()[:_SHOWN])
-    more = f" and {len(repeated) - _SHOWN} more" if len(repeated) > _SHOWN else ""
+    names = ", ".join(f"{r['id']!r} x{r['count_all']}" for r in first.to_pylist())
+    more = f" and {repeated - _SHOWN} more" if repeated > _SHOWN else ""
     raise JobError(
-        f"input.columns.id {column!r} is not unique; repeated ids: {shown}{more}. Resume and the audit match "
+        f"input.columns.id {column!r} is not unique; repeated ids: {names}{more}. Resume and the audit match "
         "rows by id. Try de-duplicating the input, or a unique column as input.columns.id."
     )
 

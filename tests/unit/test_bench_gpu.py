@@ -1,0 +1,32 @@
+"""bench/gpu.py's side configs are valid job configs, so a typo in a variant fails here, not on the GPU."""
+
+import pytest
+
+from bench import gpu
+from schemas.job import JobConfig
+
+
+@pytest.mark.parametrize("profile", sorted(gpu.PROFILES))
+@pytest.mark.parametrize("mode", [m for m in gpu.SIDES if m != "plain"])
+def test_every_side_writes_a_valid_job_config(tmp_path, profile, mode):
+    config = JobConfig.from_yaml(gpu.write_config(profile, mode, tmp_path / "d", tmp_path / "m", tmp_path))
+    assert config.model.path == str(tmp_path / "m")
+    assert config.model.use_lora is (mode != "pipeline-nolora")
+    generate = config.resources.generate
+    if mode == "pipeline-shared":
+        assert (generate.concurrency, generate.num_gpus) == (2, 0.5)
+    else:
+        assert generate.concurrency == gpu.PROFILES[profile]["job"]["resources"]["generate"]["concurrency"]
+
+
+def test_ratios_name_the_lora_cost_and_each_pipeline_against_the_others():
+    sides = {
+        "plain": {"rows_per_s": 2.0, "steady.rows_per_s": 4.0, "engine_up_after_s": 100.0},
+        "pipeline": {"rows_per_s": 3.0, "steady.rows_per_s": 6.0, "engine_up_after_s": 50.0},
+        "pipeline-nolora": {"rows_per_s": 4.0, "steady.rows_per_s": 8.0, "engine_up_after_s": 40.0},
+    }
+    out = gpu.ratios(sides)
+    assert out["pipeline_lora_over_nolora.steady.rows_per_s"] == 0.75
+    assert out["pipeline_over_plain.end_to_end"] == 1.5
+    assert out["pipeline_over_plain.engine_up"] == 2.0
+    assert not any(k.startswith("pipeline-nolora_over") for k in out)
