@@ -122,10 +122,13 @@ class PreprocessRows:
         self.stats["rows"] += len(rows)
         self.stats["busy_s"] += time.perf_counter() - started
         if self.ledger is not None:
-            self.ledger.report(
-                "preprocess", self.actor_key, {**self.stats, "busy_s": round(self.stats["busy_s"], 2)}
-            )
+            self.ledger.report("preprocess", self.actor_key, self.report())
         return out
+
+    def report(self) -> dict:
+        """This actor's figures for the run summary's ``cpu_actors``: batches, rows and busy seconds so far,
+        plus the time limit's ``RowTimer.stats``."""
+        return {**self.stats, "busy_s": round(self.stats["busy_s"], 2), **self.timer.stats()}
 
     def prepare(self, row: dict) -> dict:
         """One input row -> one prepared row; every failure becomes an error row with a stable code. No time

@@ -31,7 +31,8 @@ class RowTimer:
         self._abandoned: list[threading.Thread] = []
         self._saturated = False  # a row already waited a whole limit in vain for a slot
         self._lock = threading.Lock()  # Ray may call one actor from several threads (concurrent_batches)
-        self.timed_out = 0
+        self.timed_out = 0  # PREPROCESS_TIMEOUT rows: abandoned ones and ones not started
+        self.abandoned = 0  # threads left running past their limit (each one a timed-out row)
 
     def run(self, prepare: Callable[[dict], dict], row: dict, row_id) -> dict:
         """``prepare(row)``, or a ``PREPROCESS_TIMEOUT`` row for ``row_id`` when it is not done in time."""
@@ -46,11 +47,19 @@ class RowTimer:
         if worker.is_alive():
             with self._lock:
                 self._abandoned.append(worker)
+                self.abandoned += 1
             return self._timeout_row(row_id, busy=False)
         if "row" not in result:  # prepare catches Exception; only a BaseException (SystemExit) gets here
             why = "preparing the row stopped its thread. This is a bug; please report it with the row."
             return _error_row(row_id, ErrorCode.PREPROCESS_ERROR, why)
         return result["row"]
+
+    def stats(self) -> dict[str, int]:
+        """Counts for the run summary: rows that timed out, threads abandoned so far, and how many of
+        those are still running now (what they cost this actor's CPU and memory)."""
+        with self._lock:
+            running = sum(t.is_alive() for t in self._abandoned)
+            return {"timed_out": self.timed_out, "abandoned": self.abandoned, "abandoned_running": running}
 
     def _free_slot(self) -> bool:
         deadline = time.monotonic() + self.limit_s

@@ -1,5 +1,6 @@
-"""vLLM general plugin: registers ``Phi4MMPreparedForCausalLM`` (``actors.vllm_phi4mm``) with vLLM and, on
-the CPU backend, fixes its LoRA ops for rows without an adapter (``actors.vllm_cpu_lora``).
+"""vLLM general plugin: registers ``Phi4MMPreparedForCausalLM`` (``actors.vllm_phi4mm``) with vLLM, on
+the CPU backend fixes its LoRA ops for rows without an adapter (``actors.vllm_cpu_lora``), and shows
+vLLM's per-request and per-module repeated warnings once per process (``actors.log_once``).
 
 vLLM calls ``register`` in every process it starts (entry point ``vllm.general_plugins`` in
 pyproject.toml), which multi-process executors need; ``Phi4MMEngine`` also calls it before building its
@@ -14,6 +15,10 @@ PREPARED_ARCHITECTURE = "Phi4MMPreparedForCausalLM"
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.platforms import current_platform
+
+    from actors.log_once import show_repeated_warnings_once
+
+    show_repeated_warnings_once()
 
     if PREPARED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(PREPARED_ARCHITECTURE, f"actors.vllm_phi4mm:{PREPARED_ARCHITECTURE}")

@@ -124,6 +124,14 @@ def format_summary(summary: dict) -> str:
     if cpu:
         rows = sorted(s["rows"] for s in cpu.values())
         lines.append(f"  cpu actors       {len(cpu)} worked, rows per actor {rows[0]}..{rows[-1]}")
+        timed_out, abandoned, running = (
+            sum(s.get(k, 0) for s in cpu.values()) for k in ("timed_out", "abandoned", "abandoned_running")
+        )
+        if timed_out:
+            lines.append(
+                f"  row time limit   {timed_out} rows timed out, {abandoned} of them left running in "
+                f"abandoned threads ({running} still running at their actor's last batch)"
+            )
     audit = summary["audit"]
     verdict = "ok" if audit["ok"] else "FAILED"
     unexpected = audit.get("unexpected_ids", 0)

@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from actors.attempts import LocalAttemptLedger
 from actors.media import decode_audio, decode_image, image_bytes_per_pixel, load_bytes
 from actors.media_policy import (
     DEFAULT_REMOTE_PROTOCOLS,
@@ -25,6 +26,7 @@ from actors.media_policy import (
 )
 from actors.preprocess import PreprocessRows
 from actors.row_timer import RowTimer
+from jobs.run import format_summary
 from schemas.job import InputConfig, MediaConfig
 from schemas.rows import MEDIA_STRUCT, ErrorCode, RowError
 from tests.helpers import MEDIA, make_config
@@ -343,13 +345,21 @@ def test_a_row_past_the_time_limit_times_out_and_its_batch_goes_on(tiny_model, t
     cfg = make_config(tiny_model, tmp_path, media={"preprocess_timeout_s": 0.5})
     rows = [{"id": name, "image": {"bytes": CAT, "path": f"{name}.jpg"}, "prompt": None}
             for name in ("before", "slow", "after")]  # fmt: skip
-    stage = PreprocessRows(cfg)
+    ledger = LocalAttemptLedger()
+    stage = PreprocessRows(cfg, ledger=ledger)
     started = time.monotonic()
     try:
         out = stage(pa.Table.from_pylist(rows, schema=SCHEMA)).to_pylist()
+        # what the run summary's cpu_actors gets: the slow row's thread abandoned and still running
+        reported = ledger.actor_stats()["preprocess"][stage.actor_key]
     finally:
         release.set()
     assert time.monotonic() - started < 10
+    assert {k: reported[k] for k in ("rows", "timed_out", "abandoned", "abandoned_running")} == {
+        "rows": 3, "timed_out": 1, "abandoned": 1, "abandoned_running": 1,
+    }  # fmt: skip
+    _join_row_threads()
+    assert stage.report()["abandoned_running"] == 0 and stage.report()["abandoned"] == 1
     assert [(r["id"], r["error_code"]) for r in out] == [
         ("before", None),
         ("slow", "PREPROCESS_TIMEOUT"),
@@ -382,9 +392,39 @@ def test_abandoned_rows_are_bounded():
         assert time.monotonic() - started < 0.1  # saturated: no second wait
     finally:
         release.set()
-    time.sleep(0.1)
+    _join_row_threads()  # the stuck row has ended: its slot is free again
     assert timer.run(prepare, {"id": "d", "stuck": False}, "d") == {"id": "d", "status": "ok"}
-    assert timer.timed_out == 3
+    assert timer.stats() == {"timed_out": 3, "abandoned": 1, "abandoned_running": 0}
+
+
+def _join_row_threads() -> None:
+    """Wait for every abandoned row thread to end (they are released by then)."""
+    for thread in threading.enumerate():
+        if thread.name == "preprocess-row":
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+def test_the_summary_reports_rows_past_the_time_limit():
+    summary = {
+        "run_id": "r", "model": "m", "input": "in", "output": "out", "rows_written": 10,
+        "rows_skipped_already_done": 0, "status": {"ok": 7, "error": 3},
+        "error_codes": {"PREPROCESS_TIMEOUT": 3}, "prompt_tokens": 1, "completion_tokens": 1,
+        "wall_s": 1.0, "rows_per_s": 10.0,
+        "audit": {"ok": True, "input_rows": 10, "output_rows": 10, "missing_ids": 0, "duplicate_ids": 0},
+        "cpu_actors": {
+            "h:1": {"batches": 1, "rows": 6, "busy_s": 1.0, "timed_out": 2, "abandoned": 1, "abandoned_running": 1},
+            "h:2": {"batches": 1, "rows": 4, "busy_s": 1.0, "timed_out": 1, "abandoned": 1, "abandoned_running": 0},
+        },
+    }  # fmt: skip
+    text = format_summary(summary)
+    assert (
+        "row time limit   3 rows timed out, 2 of them left running in abandoned threads "
+        "(1 still running at their actor's last batch)"
+    ) in text
+    for actor in summary["cpu_actors"].values():
+        actor.update(timed_out=0, abandoned=0, abandoned_running=0)
+    assert "row time limit" not in format_summary(summary)  # nothing to say when no row timed out
 
 
 # --- the config ------------------------------------------------------------------------------------
