@@ -24,7 +24,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from actors.media_policy import MediaSource, check_media_size, read_media_path, scheme_of
+from actors.media_policy import (
+    MediaSource,
+    check_media_size,
+    read_media_path,
+    resolve_media_path,
+    scheme_of,
+)
 from schemas.model import PHI4MM
 from schemas.rows import ErrorCode, RowError
 
@@ -108,6 +114,27 @@ def load_bytes(item, source: MediaSource, kind: str) -> tuple[bytes, str]:
         ErrorCode.INVALID_INPUT,
         f"{kind} cell of type {type(item).__name__} is not media: expected struct<bytes, path>, binary or a path string.",
     )
+
+
+def remote_media(rows: list[dict], columns, source: MediaSource) -> list[tuple[str, str, str]]:
+    """``(url, path, kind)`` of every remote media path the rows' image and audio cells hold that the
+    trust boundary allows (refused ones are left to their rows' error), for ``RemoteFetcher.prefetch``."""
+    found = []
+    for kind, column in (("image", columns.image), ("audio", columns.audio)):
+        if not column:
+            continue
+        for row in rows:
+            for item in as_items(row.get(column)):
+                path = item.get("path") if isinstance(item, dict) and item.get("bytes") is None else item
+                if not isinstance(path, str) or is_waveform(item):
+                    continue
+                try:
+                    target = resolve_media_path(path, source, kind)
+                except RowError:
+                    continue
+                if not target.is_local:
+                    found.append((target.location, path, kind))
+    return found
 
 
 def default_media_root(input_path: str) -> str:

@@ -15,7 +15,8 @@ Only then is the file system asked: a missing file is ``MEDIA_NOT_FOUND``; anyth
 (FIFO, device, socket, directory) is refused before it is opened, so a FIFO never blocks and a device is
 never read; the open uses ``O_NONBLOCK | O_NOFOLLOW`` and the type is checked again on the open file, in
 case the path was swapped in between; at most ``media.max_media_bytes`` + 1 bytes are read
-(``MEDIA_TOO_LARGE`` past the cap), so a huge or endless file is never read whole.
+(``MEDIA_TOO_LARGE`` past the cap), so a huge or endless file is never read whole. URLs are read by
+``actors.media_fetch`` (time limits, retries, the cap while streaming, redirects checked here again).
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from urllib.parse import unquote
 
-from schemas.job import InputConfig, MediaConfig
+from actors.media_fetch import RemoteFetcher
+from schemas.job import InputConfig, MediaConfig, StorageConfig
 from schemas.rows import ErrorCode, RowError
 
 # the config's defaults (schemas/job.py states them once), for a MediaSource made without a config
 DEFAULT_REMOTE_PROTOCOLS = tuple(InputConfig.model_fields["remote_protocols"].default_factory())
 DEFAULT_MAX_MEDIA_BYTES = MediaConfig.model_fields["max_media_bytes"].default
+DEFAULT_REMOTE_TIMEOUT_S = MediaConfig.model_fields["remote_timeout_s"].default
+DEFAULT_REMOTE_ATTEMPTS = MediaConfig.model_fields["remote_attempts"].default
+DEFAULT_REMOTE_CONCURRENCY = MediaConfig.model_fields["remote_concurrency"].default
 HTTP_PROTOCOLS = ("http", "https")
 
 
@@ -45,6 +50,22 @@ class MediaSource:
     allowed_roots: tuple[str, ...] = ()  # extra local directories or URL prefixes rows may reach
     remote_protocols: tuple[str, ...] = DEFAULT_REMOTE_PROTOCOLS
     max_bytes: int = DEFAULT_MAX_MEDIA_BYTES
+    remote_timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S
+    remote_attempts: int = DEFAULT_REMOTE_ATTEMPTS
+    remote_concurrency: int = DEFAULT_REMOTE_CONCURRENCY
+    storage: StorageConfig | None = field(default=None, compare=False)  # s3:// endpoint, region
+
+    @cached_property
+    def fetcher(self) -> RemoteFetcher:
+        """Reads remote URLs for this source (``actors.media_fetch``), redirects checked by the policy."""
+        return RemoteFetcher(
+            self.max_bytes,
+            timeout_s=self.remote_timeout_s,
+            attempts=self.remote_attempts,
+            concurrency=self.remote_concurrency,
+            storage=self.storage,
+            check_url=lambda url, shown, kind: _check_url(url, self, kind, shown=shown),
+        )
 
     @cached_property
     def protocols(self) -> frozenset[str]:
@@ -178,7 +199,7 @@ def read_media_path(path: str, source: MediaSource, kind: str) -> bytes:
     target = resolve_media_path(path, source, kind)
     if target.is_local:
         return _read_local(target.location, path, source.max_bytes, kind)
-    return _read_remote(target.location, path, source.max_bytes, kind)
+    return source.fetcher.fetch(target.location, path, kind)
 
 
 _FILE_TYPES = (
@@ -241,28 +262,3 @@ def _read_local(real: str, path: str, max_bytes: int, kind: str) -> bytes:
     with os.fdopen(fd, "rb") as f:
         _require_regular(os.fstat(f.fileno()).st_mode, path, kind)
         return _bounded_read(f, max_bytes, kind, repr(path))
-
-
-def _read_remote(url: str, path: str, max_bytes: int, kind: str) -> bytes:
-    try:
-        import fsspec
-
-        fs, inner = fsspec.core.url_to_fs(url)
-        info = fs.info(inner)
-        if info.get("type") != "file":
-            raise _refused(kind, path, f"is a {info.get('type') or 'non-file'}, not a file. Try a file's URL")
-        if isinstance(info.get("size"), int):
-            check_media_size(info["size"], max_bytes, kind, repr(path))
-        with fs.open(inner, "rb") as f:
-            return _bounded_read(f, max_bytes, kind, repr(path))
-    except RowError:
-        raise
-    except ImportError as e:  # the protocol's fsspec backend (s3fs, gcsfs, adlfs) is not installed
-        raise RowError(
-            ErrorCode.MEDIA_NOT_FOUND,
-            f"{kind} path {path!r} needs an fsspec backend that is not installed ({e}). Try installing it.",
-        ) from e
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        raise _not_found(kind, path, e) from e
-    except (OSError, ValueError) as e:  # a malformed URL, a network error
-        raise RowError(ErrorCode.MEDIA_NOT_FOUND, f"{kind} path {path!r} could not be read: {e}.") from e

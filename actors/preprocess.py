@@ -35,6 +35,7 @@ from actors.media import (
     letterbox,
     load_audio,
     load_bytes,
+    remote_media,
 )
 from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of
 from actors.row_timer import RowTimer
@@ -108,6 +109,10 @@ class PreprocessRows:
             allowed_roots=tuple(config.input.allowed_media_roots),
             remote_protocols=tuple(config.input.remote_protocols),
             max_bytes=config.media.max_media_bytes,
+            remote_timeout_s=config.media.remote_timeout_s,
+            remote_attempts=config.media.remote_attempts,
+            remote_concurrency=config.media.remote_concurrency,
+            storage=config.storage,
         )
         self.counter = PromptTokenCounter(tokenizer_factory(config))
         # An abandoned row's thread may still be counting: a fast tokenizer must not be used by two at once.
@@ -116,7 +121,12 @@ class PreprocessRows:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
-        rows = [self.timer.run(self.prepare, row, row.get(self.columns.id)) for row in batch.to_pylist()]
+        pylist = batch.to_pylist()
+        self.source.fetcher.prefetch(remote_media(pylist, self.columns, self.source))  # all at once, bounded
+        try:
+            rows = [self.timer.run(self.prepare, row, row.get(self.columns.id)) for row in pylist]
+        finally:
+            self.source.fetcher.forget()
         out = pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)

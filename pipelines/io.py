@@ -4,7 +4,14 @@
   Ray read, and the one rule resume and the audit follow too. Everything else the project keeps there
   starts with ``_`` (``_lock``, ``_tmp/``, ``_staging-<run>/``, ``_committed-<run>.json``,
   ``_run-<run>.json``), which those readers skip;
-- a part file appears whole: it is written under ``_tmp/`` and then moved into place;
+- a part file appears whole: on a local disk it is written under ``_tmp/`` and renamed into place; on an
+  object store, which has no rename but shows an upload only once it is complete, it is uploaded straight
+  under its final, unique name (``pipelines.storage.is_object_store``);
+- the commit markers ``_committed-<run>.json`` name every part each finished run wrote and every part an
+  overwrite replaced. Resume and the audit trust them over a listing: a part a marker names is read by
+  name even while a lagging listing does not show it yet, and a part an overwrite replaced is ignored
+  even while a lagging listing still shows it (``committed_parts``). The markers are also kept together
+  in ``_committed.json``, which is read by name: finding them needs no listing;
 - ``resume`` and ``error`` runs commit parts as they go, at most ``output.commit_every_rows`` rows each, so
   a killed run keeps what it committed and ``resume`` carries on from there;
 - an ``overwrite`` run commits its parts under ``_staging-<run>/``; only when the run is complete and
@@ -34,6 +41,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.ids import IdColumn, array_batches, id_strings, partition
+from pipelines.storage import filesystem_for, is_object_store
 from schemas.errors import JobError
 from schemas.job import OutputConfig
 from schemas.rows import OUTPUT_SCHEMA
@@ -44,10 +52,11 @@ PART_PREFIX = "part-"
 TMP_DIR = "_tmp"  # pyarrow and Ray ignore names starting with '_' or '.' when reading a directory
 STAGING_PREFIX = "_staging-"  # an overwrite run's committed parts, until the swap
 MARKER_PREFIX = "_committed-"
+COMMIT_INDEX = "_committed.json"  # every run's marker in one object, read by name: no listing involved
 
 
 def _fs_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri)
+    return filesystem_for(uri)
 
 
 def _exists(fs: pafs.FileSystem, path: str) -> bool:
@@ -72,9 +81,24 @@ def _parts_in(fs: pafs.FileSystem, directory: str) -> list[str]:
 
 
 def committed_parts(uri: str) -> list[str]:
-    """The output's part files: every ``part-*.parquet`` directly under ``uri`` (what readers read)."""
+    """The output's part files: every ``part-*.parquet`` directly under ``uri`` (what readers read), as
+    the commit markers correct a listing that lags behind writes and deletes: parts a finished run's
+    marker names are included when they exist (asked by name, which does not lag), parts an overwrite
+    replaced are left out."""
     fs, root = _fs_and_path(uri)
-    return _parts_in(fs, root)
+    listed = {_name(p) for p in _parts_in(fs, root)}
+    named, replaced = set(), set()
+    for marker in _markers(fs, root):
+        named.update(marker.get("parts", []))  # an overwrite's: those its swap already moved in
+        replaced.update(marker.get("replaces", []))
+    late = {n for n in named - listed - replaced if _exists(fs, f"{root}/{n}")}
+    if late:
+        logger.info("output %s: %d committed parts not listed yet (the store's listing lags)", uri, len(late))
+    return sorted(f"{root}/{n}" for n in (listed | late) - replaced)
+
+
+def _is_dir(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def committed_ids(uri: str) -> pa.Array:
@@ -135,16 +159,31 @@ def prepare_output(config: OutputConfig) -> pa.Array:
 
 
 def _markers(fs: pafs.FileSystem, root: str) -> list[dict]:
-    found = []
+    """Every finished run's commit marker: those in the commit index ``_committed.json`` (read by name,
+    so a lagging listing cannot hide one) and any marker file the index lacks (a run that died between
+    writing its marker and the index, or an output written before the index existed)."""
+    found = {m["run_id"]: m for m in _read_index(fs, root)}
+    if not _is_dir(fs, root):
+        return list(found.values())
     for f in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
         if (
             f.type == pafs.FileType.File
             and f.base_name.startswith(MARKER_PREFIX)
             and f.base_name.endswith(".json")
+            and f.base_name[len(MARKER_PREFIX) : -len(".json")] not in found
         ):
             with fs.open_input_stream(f.path) as stream:
-                found.append(json.loads(stream.read()))
-    return found
+                marker = json.loads(stream.read())
+            found[marker["run_id"]] = marker
+    return list(found.values())
+
+
+def _read_index(fs: pafs.FileSystem, root: str) -> list[dict]:
+    try:
+        with fs.open_input_stream(f"{root}/{COMMIT_INDEX}") as stream:
+            return json.loads(stream.read())["runs"]
+    except FileNotFoundError:
+        return []
 
 
 def finish_interrupted_swaps(uri: str) -> list[str]:
@@ -193,8 +232,9 @@ def commit_run(uri: str, run_id: str, mode: str, parts: list[str]) -> dict:
     the next run). Returns the marker."""
     fs, root = _fs_and_path(uri)
     if mode == "overwrite":
-        parts = [_name(p) for p in _parts_in(fs, f"{root}/{staging_name(run_id)}")]
-        replaces = [_name(p) for p in _parts_in(fs, root) if _name(p) not in parts]
+        # the parts the run reports, plus any a retried task left that it no longer reports
+        parts = sorted({*parts, *(_name(p) for p in _parts_in(fs, f"{root}/{staging_name(run_id)}"))})
+        replaces = [_name(p) for p in committed_parts(uri) if _name(p) not in parts]
     else:
         replaces = []
     marker = {
@@ -205,6 +245,9 @@ def commit_run(uri: str, run_id: str, mode: str, parts: list[str]) -> dict:
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _write_atomically(fs, root, f"{MARKER_PREFIX}{run_id}.json", json.dumps(marker, indent=1).encode())
+    # Only the run holding the output's lock writes here, so rewriting the index cannot lose another's entry.
+    runs = [m for m in _markers(fs, root) if m["run_id"] != run_id] + [marker]
+    _write_atomically(fs, root, COMMIT_INDEX, json.dumps({"runs": runs}).encode())
     if mode == "overwrite":
         _swap(fs, root, marker)
     return marker
@@ -225,6 +268,9 @@ def _swap(fs: pafs.FileSystem, root: str, marker: dict) -> None:
 
 
 def _write_atomically(fs: pafs.FileSystem, root: str, name: str, data: bytes) -> None:
+    if is_object_store(fs):  # an upload appears whole or not at all
+        _upload(fs, f"{root}/{name}", data)
+        return
     fs.create_dir(f"{root}/{TMP_DIR}", recursive=True)
     tmp = f"{root}/{TMP_DIR}/{name}.{uuid.uuid4().hex}"
     with fs.open_output_stream(tmp) as sink:
@@ -284,14 +330,15 @@ def write_part_files(
 
     fs, root = _fs_and_path(uri)
     dest = f"{root}/{into}" if into else root
-    fs.create_dir(f"{root}/{TMP_DIR}", recursive=True)
-    fs.create_dir(dest, recursive=True)
     table = table.cast(OUTPUT_SCHEMA)
     stats = WriteStats.of_table(table)
+    if is_object_store(fs):
+        return _upload_part_files(fs, table, stats, dest, uri, run_id, task_idx, rows_per_file,
+                                  first_chunk, lock_run_id)  # fmt: skip
+    fs.create_dir(f"{root}/{TMP_DIR}", recursive=True)
+    fs.create_dir(dest, recursive=True)
     for chunk_idx, offset in enumerate(range(0, table.num_rows, rows_per_file), start=first_chunk):
-        # A retried task gets the same rows in the same order, so its names repeat: a retry replaces its
-        # own earlier files instead of adding to them.
-        name = f"{PART_PREFIX}{run_id}-{task_idx:06d}-{chunk_idx:04d}.parquet"
+        name = part_name(run_id, task_idx, chunk_idx)
         tmp = f"{root}/{TMP_DIR}/{name}.{uuid.uuid4().hex}"
         try:
             with fs.open_output_stream(tmp) as sink:
@@ -305,6 +352,37 @@ def write_part_files(
             raise
         stats.files.append(name)
     return stats
+
+
+def part_name(run_id: str, task_idx: int, chunk_idx: int) -> str:
+    # A retried task gets the same rows in the same order, so its names repeat: a retry replaces its own
+    # earlier files instead of adding to them.
+    return f"{PART_PREFIX}{run_id}-{task_idx:06d}-{chunk_idx:04d}.parquet"
+
+
+def _upload_part_files(
+    fs, table, stats, dest, uri, run_id, task_idx, rows_per_file, first_chunk, lock_run_id
+):
+    """Object stores: each part is serialised in memory, then uploaded under its final name in one
+    upload, which the store shows only once it is complete (no ``_tmp/``, no copy: there is no rename)."""
+    from pipelines.lock import assert_lock_held
+
+    for chunk_idx, offset in enumerate(range(0, table.num_rows, rows_per_file), start=first_chunk):
+        name = part_name(run_id, task_idx, chunk_idx)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table.slice(offset, rows_per_file), buffer, compression="zstd")
+        if lock_run_id is not None:
+            assert_lock_held(uri, lock_run_id)
+        _upload(fs, f"{dest}/{name}", buffer.getvalue())
+        stats.files.append(name)
+    return stats
+
+
+def _upload(fs: pafs.FileSystem, path: str, data) -> None:
+    # Not `with`: a failed write must not be followed by a close, which would complete the upload.
+    stream = fs.open_output_stream(path)
+    stream.write(data)
+    stream.close()
 
 
 def write_in_parts(
@@ -378,13 +456,18 @@ _AUDIT_SCHEMA = pa.schema([("id", pa.string()), ("src", pa.int8())])
 IdsLike = pa.Array | pa.ChunkedArray | IdColumn  # ids in memory, or a column streamed from Parquet files
 
 
-def output_ids(uri: str) -> IdColumn:
-    """The ``id`` column of the output's part files, to stream (``committed_ids`` reads it whole)."""
-    fs, _ = _fs_and_path(uri)
-    return IdColumn.of_files(fs, committed_parts(uri), "id", uri)
+def output_ids(uri: str, known_parts: Iterable[str] = ()) -> IdColumn:
+    """The ``id`` column of the output's part files, to stream (``committed_ids`` reads it whole).
+    ``known_parts``: names of parts the caller knows it committed there, included even while a lagging
+    listing does not show them."""
+    fs, root = _fs_and_path(uri)
+    parts = set(committed_parts(uri)) | {f"{root}/{name}" for name in known_parts}
+    return IdColumn.of_files(fs, sorted(parts), "id", uri)
 
 
-def audit(input_ids: IdsLike, output_uri: str, run_ids: IdsLike | None = None) -> Audit:
+def audit(
+    input_ids: IdsLike, output_uri: str, run_ids: IdsLike | None = None, known_parts: Iterable[str] = ()
+) -> Audit:
     """Compare the ids a run answers for, ``run_ids`` (default: every input id), with every committed
     output row: each appears in the output as often as in the input, so exactly once for unique ids.
 
@@ -394,8 +477,8 @@ def audit(input_ids: IdsLike, output_uri: str, run_ids: IdsLike | None = None) -
 
     Every count is per id, so the ids (input, run, output) are hash-partitioned together
     (``pipelines.ids.partition``) and each bucket is counted on its own: the driver holds one bucket of
-    ids, not all of them."""
-    outputs = output_ids(output_uri)
+    ids, not all of them. ``known_parts``: the run's own parts (``output_ids``)."""
+    outputs = output_ids(output_uri, known_parts)
     streams = [(_INPUT, input_ids), (_OUTPUT, outputs)] + ([(_RUN, run_ids)] if run_ids is not None else [])
     rows = sum(_rows(ids) for _, ids in streams)
     total = Audit(0, 0, 0, 0, 0)

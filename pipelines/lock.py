@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
 
+from pipelines.storage import filesystem_for
 from schemas.errors import JobError
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _fs_and_root(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri)
+    return filesystem_for(uri)
 
 
 def _local(fs: pafs.FileSystem) -> bool:

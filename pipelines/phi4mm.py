@@ -18,6 +18,7 @@ from pipelines.ids import count_in
 from pipelines.io import audit, commit_run, id_strings, prepare_output, staging_name, write_manifest
 from pipelines.lock import OutputLock
 from pipelines.spec import StageSpec, apply
+from pipelines.storage import filesystem_for, redact, use
 from pipelines.validate import JobPlan, check_input_columns, validate_job
 from schemas.job import JobConfig, pool_bounds
 
@@ -112,7 +113,8 @@ def read_input(config: JobConfig, done_ids: pa.Array, keep_ids: pa.Array | None 
     rows run does not depend on the order Ray's read tasks finish in)."""
     import ray
 
-    ds = ray.data.read_parquet(config.input.path, num_cpus=config.resources.io_num_cpus)
+    fs, path = filesystem_for(config.input.path, config.storage)  # the job's endpoint, not the default
+    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=config.resources.io_num_cpus)
     check_input_columns(config, ds.schema().base_schema)
     if len(done_ids):
         logger.info(
@@ -141,6 +143,7 @@ def run_pipeline(
     its ``plan``, and holds the output's lock for the whole run unless the caller holds it (``lock``):
     ``jobs.run`` does both before it starts Ray, so a mistake or a busy output costs no cluster start."""
     started = time.perf_counter()
+    use(config.storage)
     plan = plan or validate_job(config, run_id)
     if lock is not None:
         return _run_locked(config, run_id, plan, started)
@@ -174,8 +177,9 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
 
     into = staging_name(run_id) if out.mode == "overwrite" else None
     sink = CommittingParquetSink(
-        out.path, run_id, out.rows_per_file, out.commit_every_rows, into=into, lock_run_id=run_id
-    )
+        out.path, run_id, out.rows_per_file, out.commit_every_rows, into=into, lock_run_id=run_id,
+        storage=config.storage,
+    )  # fmt: skip
     try:
         ds.write_datasink(sink, ray_remote_args=io_args)
         actors = ledger.actor_stats()
@@ -186,7 +190,9 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     # An overwrite is audited where it was staged and swapped in only when whole: otherwise the old
     # output stays as it was (and the staged parts are removed by the next run). The audit streams the
     # input's and the output's ids into hash buckets: bounded memory whatever the row count.
-    check = audit(plan.input_ids, f"{out.path.rstrip('/')}/{into}" if into else out.path, plan.run_ids)
+    check = audit(
+        plan.input_ids, f"{out.path.rstrip('/')}/{into}" if into else out.path, plan.run_ids, stats.files
+    )
     committed = check.ok or out.mode != "overwrite"
     if committed:
         commit_run(out.path, run_id, out.mode, stats.files)
@@ -194,8 +200,8 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         logger.error("overwrite of %s not committed: its audit failed; the old output is unchanged", out.path)
     summary = {
         "run_id": run_id,
-        "input": config.input.path,
-        "output": out.path,
+        "input": redact(config.input.path),
+        "output": redact(out.path),
         "model": config.model_name,
         "mode": out.mode,
         "committed": committed,

@@ -6,6 +6,8 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from pipelines.io import WriteStats, write_in_parts
+from pipelines.storage import use
+from schemas.job import StorageConfig
 
 
 class CommittingParquetSink(Datasink):
@@ -22,13 +24,16 @@ class CommittingParquetSink(Datasink):
         commit_every_rows: int | None = None,
         into: str | None = None,
         lock_run_id: str | None = None,
+        storage: StorageConfig | None = None,
     ):
         self.uri, self.run_id = uri, run_id
         self.part_rows = min(rows_per_file, commit_every_rows or rows_per_file)
         self.into, self.lock_run_id = into, lock_run_id
+        self.storage = storage  # the job's s3:// settings, for the write tasks' processes
         self.stats = WriteStats()  # filled on the driver by on_write_complete
 
     def write(self, blocks, ctx) -> WriteStats:
+        use(self.storage)
         return write_in_parts(
             (BlockAccessor.for_block(b).to_arrow() for b in blocks),
             self.uri, self.run_id, ctx.task_idx, self.part_rows,

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipelines.ids import IdColumn, IdReadError, partition, shown
 from pipelines.io import check_output_mode, check_run_id_unused
+from pipelines.storage import filesystem_for, redact, use
 from schemas.errors import JobError
 from schemas.job import JobConfig, ModelConfig
 from schemas.model import PHI4MM
@@ -52,6 +53,7 @@ class JobPlan:
 def validate_job(config: JobConfig, run_id: str | None = None) -> JobPlan:
     """Every job-level check, in the order a user would fix them; raises JobError on the first failure.
     With ``run_id``, also refuses a run id the output already holds parts of."""
+    use(config.storage)  # this process's s3:// endpoint, region, timeouts (pipelines.storage)
     check_model(config.model)
     fs, files = input_files(config.input.path)
     schema, rows = input_schema(fs, files, config.input.path)
@@ -94,12 +96,18 @@ _shown = shown
 def input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files Ray reads for ``input.path``, in path order."""
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
+        fs, root = filesystem_for(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
         raise JobError(
             f"input.path {uri} cannot be opened ({e}). Try a local path or a URL pyarrow opens (s3://, gs://, hdfs://)."
         ) from None
-    info = fs.get_file_info(root)
+    try:
+        info = fs.get_file_info(root)
+    except OSError as e:  # the store answered with an error after its retries, or never answered
+        raise JobError(
+            f"input.path {redact(uri)} cannot be reached ({e}). Try checking storage.s3_endpoint and "
+            "storage.s3_region, and the credentials in the AWS environment variables or ~/.aws files."
+        ) from None
     if info.type == pafs.FileType.NotFound:
         raise JobError(
             f"input.path {uri} does not exist. Try the path of a Parquet file or of a directory of them (CLI: --input)."

@@ -192,6 +192,46 @@ class OutputConfig(_Strict):
     )
 
 
+class StorageConfig(_Strict):
+    """How the job reaches ``s3://`` paths (input, output, media). Credentials are never set here: the AWS
+    SDK's usual chain finds them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN, AWS_PROFILE and
+    ~/.aws/credentials, an instance or pod role), and nothing of them is logged or written out."""
+
+    s3_endpoint: str | None = Field(
+        None,
+        description=(
+            "Endpoint of an S3-compatible store (MinIO, Ceph, a cloud's S3 API), e.g. http://10.0.0.5:9000; "
+            "default: AWS itself, or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL from the environment."
+        ),
+    )
+    s3_region: str | None = Field(
+        None,
+        description="Region of the buckets (default: AWS_REGION or the SDK's config; us-east-1 with s3_endpoint).",
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to open a connection to the store.")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds a request may go without receiving a byte before it is retried."
+    )
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        description=(
+            "Attempts per request on transient errors (throttling, 5xx, resets, timeouts), with the AWS "
+            "SDK's exponential backoff, before the request fails."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> StorageConfig:
+        endpoint = self.s3_endpoint
+        if endpoint is not None and ("@" in endpoint or "?" in endpoint):
+            raise ValueError(
+                "storage.s3_endpoint holds '@' or '?': credentials never go in the config. Try a plain "
+                "http(s)://host:port and the AWS environment variables or ~/.aws/credentials."
+            )
+        return self
+
+
 class PromptConfig(_Strict):
     system: str | None = Field(None, description="Optional system turn put before every row's user turn.")
     default_text: str = Field(
@@ -246,6 +286,30 @@ class MediaConfig(_Strict):
         description=(
             "Time limit for preparing one row in the CPU stage; a row past it becomes a PREPROCESS_TIMEOUT "
             "error row and the rest of its batch goes on."
+        ),
+    )
+    remote_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds one attempt to fetch a remote media item (s3://, http(s)://) may take, connecting and "
+            "reading included; past it the attempt counts as a transient failure (MEDIA_FETCH_TIMEOUT at the end)."
+        ),
+    )
+    remote_attempts: int = Field(
+        3,
+        ge=1,
+        description=(
+            "Attempts per remote media item on transient failures (throttling, 5xx, resets, timeouts), with "
+            "exponential backoff; a missing, refused or too large item is not retried."
+        ),
+    )
+    remote_concurrency: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Remote media items one CPU actor fetches at once, ahead of the rows that need them, so a slow "
+            "store does not leave the actor (and the GPUs after it) waiting on one item at a time."
         ),
     )
     max_audio_seconds: float = Field(
@@ -448,6 +512,9 @@ class JobConfig(_Strict):
     )
     media: MediaConfig = Field(default_factory=MediaConfig, description="Media decoding limits.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Actor pools.")
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="Object store endpoint, region, timeouts and retries."
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> JobConfig:
@@ -513,6 +580,14 @@ class JobConfig(_Strict):
             value = node.get(key) if isinstance(node, dict) else None  # a non-mapping: pydantic says so
             if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
                 node[key] = str((Path(path).parent / value).resolve())
+        roots = raw["input"].get("allowed_media_roots") if isinstance(raw.get("input"), dict) else None
+        if isinstance(roots, list):  # local directories, like media_root, are relative to the YAML
+            raw["input"]["allowed_media_roots"] = [
+                str((Path(path).parent / r).resolve())
+                if isinstance(r, str) and "://" not in r and not Path(r).is_absolute()
+                else r
+                for r in roots
+            ]
         for dotted, value in (overrides or {}).items():
             node = raw
             *parents, leaf = dotted.split(".")

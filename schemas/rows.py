@@ -41,6 +41,9 @@ class ErrorCode(str, Enum):
     MEDIA_TOO_LARGE = "MEDIA_TOO_LARGE"  # encoded bytes over media.max_media_bytes
     AUDIO_TOO_LARGE = "AUDIO_TOO_LARGE"  # decoded frames x channels over media.max_audio_samples
     PREPROCESS_TIMEOUT = "PREPROCESS_TIMEOUT"  # the CPU stage gave up on the row (media.preprocess_timeout_s)
+    MEDIA_ACCESS_DENIED = "MEDIA_ACCESS_DENIED"  # the store refused the job's credentials (401/403)
+    MEDIA_FETCH_TIMEOUT = "MEDIA_FETCH_TIMEOUT"  # every attempt timed out (media.remote_timeout_s)
+    MEDIA_FETCH_FAILED = "MEDIA_FETCH_FAILED"  # throttled, 5xx or reset on every attempt; another HTTP error
 
 
 class RowError(Exception):

@@ -74,6 +74,25 @@ def test_from_yaml_resolves_paths_against_the_file(tmp_path):
     assert (cfg.input.limit, cfg.sampling.max_tokens) == (5, 9)
 
 
+def test_from_yaml_resolves_media_roots_against_the_file(tmp_path):
+    cfg_file = tmp_path / "conf" / "job.yaml"
+    cfg_file.parent.mkdir()
+    cfg_file.write_text(
+        "input: {path: /data, media_root: media, allowed_media_roots: [shared, ../more, /abs, 's3://b/x/']}\n"
+        "output: {path: /out}\nmodel: {path: /m}\n"
+    )
+    cfg = JobConfig.from_yaml(cfg_file)
+    assert cfg.input.media_root == str(tmp_path / "conf" / "media")
+    assert cfg.input.allowed_media_roots == [
+        str(tmp_path / "conf" / "shared"), str(tmp_path / "more"), "/abs", "s3://b/x/",
+    ]  # fmt: skip
+    with pytest.raises(ValidationError, match="is relative"):  # outside a YAML a relative root is refused
+        JobConfig.model_validate(
+            {"input": {"path": "/d", "allowed_media_roots": ["shared"]}, "output": {"path": "/o"},
+             "model": {"path": "/m"}}
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_bundled_configs_load(path):
     cfg = JobConfig.from_yaml(path)

@@ -1,0 +1,104 @@
+"""Where a job's paths live: the one place a URI becomes a pyarrow file system (README, "Object stores").
+
+    fs, path = filesystem_for("s3://bucket/out", config.storage)
+
+``s3://`` gets a ``pyarrow.fs.S3FileSystem`` built from the job's ``storage`` section: its endpoint
+override (an S3-compatible store), region, timeouts and retry attempts (the AWS SDK's standard strategy:
+throttling, 5xx, resets and timeouts are retried with exponential backoff). Credentials are never passed
+here: the SDK finds them where users already keep them (AWS environment variables, profiles and
+~/.aws files, instance roles), so a pickled file system sent to a Ray task carries none of them. Every
+other URI (local paths, ``gs://``, ``hdfs://``) goes through ``pyarrow.fs.FileSystem.from_uri``.
+
+File systems are cached per process and settings, so the SDK's connection pool is reused across calls.
+``use(storage)`` sets the settings later calls without an explicit one get in this process: the driver
+sets them once per job, and each Ray task or actor that touches storage sets them from the config it
+carries.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import pyarrow.fs as pafs
+
+from schemas.errors import JobError
+from schemas.job import StorageConfig
+
+_current = StorageConfig()
+
+
+def use(storage: StorageConfig | None) -> None:
+    """The storage settings of the job this process works for (default for ``filesystem_for``)."""
+    global _current
+    _current = storage or StorageConfig()
+
+
+def current() -> StorageConfig:
+    return _current
+
+
+def is_object_store(fs: pafs.FileSystem) -> bool:
+    """True where a file is visible only once whole and there is no rename (an upload, not a file)."""
+    return not isinstance(fs, pafs.LocalFileSystem)
+
+
+def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """The file system holding ``uri`` and the path within it."""
+    storage = storage or _current
+    if uri.lower().startswith("s3://"):
+        rest = uri[len("s3://") :]
+        if "?" in rest or "@" in rest.split("/", 1)[0]:
+            raise JobError(
+                f"{redact(uri)}: options or credentials in an s3:// URI are not accepted (they would be "
+                "logged and written to the run summary). Try storage.s3_endpoint / storage.s3_region in the "
+                "config and the AWS environment variables or ~/.aws/credentials for credentials."
+            )
+        region = storage.s3_region
+        if region is None and not storage.s3_endpoint and not _env_region():
+            region = _bucket_region(rest.split("/", 1)[0])  # as FileSystem.from_uri does for s3://
+        key = (storage.s3_endpoint, region, storage.connect_timeout_s, storage.request_timeout_s,
+               storage.max_attempts)  # fmt: skip
+        return _s3(*key), rest.rstrip("/")
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _env_region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str | None:
+    if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
+        return None  # another store: AWS's region lookup does not apply
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return None  # the SDK's default; a wrong region then fails the first request with its reason
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(endpoint, region, connect_timeout_s, request_timeout_s, max_attempts) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(
+        endpoint_override=endpoint,
+        region=region or ("us-east-1" if endpoint else None),
+        connect_timeout=connect_timeout_s,
+        request_timeout=request_timeout_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+    )
+
+
+_SECRETISH = re.compile(r"(?i)((?:secret|token|password|key|signature|credential)[^=&]*=)[^&]*")
+
+
+def redact(uri: str) -> str:
+    """``uri`` as it may be shown: user info and the values of secret-looking query keys replaced by ***."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    host, slash, path = rest.partition("/")
+    if "@" in host:
+        host = "***@" + host.rsplit("@", 1)[1]
+    path = _SECRETISH.sub(r"\1***", path)
+    return f"{scheme}{sep}{host}{slash}{path}"
