@@ -203,7 +203,7 @@ class RemoteFetcher:
 
         data = bytearray()
         try:
-            while chunk := response.read(_CHUNK):
+            while chunk := response.read1(_CHUNK):  # what has come: a trickle still meets the deadline
                 data += chunk
                 _check_size(len(data), self.max_bytes, kind, shown, exact=False)
                 if time.monotonic() > deadline:  # a trickle of bytes never times out a single read
