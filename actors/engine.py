@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.engine_loop import EngineLoop
+from actors.engine_loop import EngineLoop, LoopStats
 from actors.features import MASK_SIDE
 from actors.vllm_plugin import PREPARED_ARCHITECTURE, register
 from schemas.job import JobConfig
@@ -159,6 +159,9 @@ class Phi4MMEngine:
                 self.lora_requests[adapter] = LoRARequest(f"phi4mm-{adapter}", lora_id, path)
         self.loop = EngineLoop(self.llm.llm_engine)
         self._warm_up()
+        # The run summary's counts are the rows' requests and steps: the warm-up's would make a 2,000-row
+        # run read 2,001 requests. The loop is idle now (the warm-up's one request has come back).
+        self.loop.stats = LoopStats()
         self.startup_s = time.perf_counter() - started
         self.ready_at = time.time()  # wall clock, so a run can tell when its engines came up
         logger.info("vLLM engine ready in %.1f s", self.startup_s)

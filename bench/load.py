@@ -3,21 +3,24 @@ and 20,000 text+audio rows, with the peak RSS of the driver and of each kind of 
 
     python -m bench.load [--rows 2000,20000] [--work DIR]
 
-Memory must stay flat as rows grow: no dataset is materialised and no rows are pulled to the driver, so
-the driver's and each actor's peak should barely move between the two sizes. Every 0.5 s it samples the
-RSS of every process of the run (psutil), grouped by what the process is; writes
-``bench/results/load-<host>.json`` and prints the table.
+Memory must stay flat as rows grow: no dataset is materialised and no rows are pulled to the driver.
+Every 0.5 s it samples the memory of the driver and of its descendants (its local Ray; other Ray
+clusters on the machine are left out), grouped by what the process is: peak RSS, peak private memory
+(RSS less shared pages: the object store's pages count in the RSS of every process that maps them) and
+the private peak in each half of the run (memory that grows with rows shows as a second half above the
+first). Keeps each run's log and samples in the work directory; writes ``bench/results/load-<host>.json``
+and prints the table. README, "Memory under load", has the figures and what they mean.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import yaml
@@ -35,34 +38,59 @@ JOB = merge(
 )
 
 
-def role(cmdline: list[str], driver_pid: int, pid: int) -> str | None:
-    """What a process of the run is, from its command line (Ray names actor processes ray::<Class>)."""
+def role(cmdline: list[str]) -> str | None:
+    """What a process of the run's Ray is, from its command line (Ray names actor processes ray::<Class>)."""
     text = " ".join(cmdline)
-    if pid == driver_pid:
-        return "driver"
     if "PreprocessRows" in text:
         return "cpu actor"
     if "GenerateRows" in text:
         return "gpu actor"
-    if "ray::" in text:
+    if "ray::" in text or "default_worker.py" in text:  # a worker before it names itself ray::...
         return "other ray worker"
     if any(k in text for k in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env")):
         return "ray services"
     return None
 
 
-def sample(driver_pid: int, peaks: dict, stop: threading.Event) -> None:
+def sample(driver_pid: int, samples: list, stop: threading.Event) -> None:
+    """Appends ``(seconds since start, kind, pid, rss, private)`` every 0.5 s for the driver and its
+    descendants only (its local Ray): other Ray clusters on the machine are not this run's. ``private``
+    is RSS less shared pages: Ray's object store is shared memory that every process reading an object
+    maps, and its pages count in each reader's RSS although the store holds them once."""
     import psutil
 
+    driver, started = psutil.Process(driver_pid), time.monotonic()
     while not stop.wait(0.5):
-        for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+        try:
+            procs = [driver, *driver.children(recursive=True)]
+        except psutil.Error:
+            continue
+        now = time.monotonic() - started
+        for p in procs:
             try:
-                kind = role(p.info["cmdline"] or [], driver_pid, p.info["pid"])
-                if kind and p.info["memory_info"]:
-                    key = (kind, p.info["pid"])
-                    peaks[key] = max(peaks.get(key, 0), p.info["memory_info"].rss)
+                kind = "driver" if p.pid == driver_pid else role(p.cmdline())
+                if kind:
+                    mem = p.memory_info()
+                    samples.append((now, kind, p.pid, mem.rss, mem.rss - mem.shared))
             except psutil.Error:
                 continue
+
+
+def memory_figures(samples: list) -> dict:
+    """Per kind of process: peak RSS and peak private memory (MiB, the largest process of that kind), the
+    private peak in each half of the run (memory that grows with rows shows as a second half above the
+    first), and how many processes of that kind there were."""
+    end = max((t for t, *_ in samples), default=0.0)
+    figures: dict = {}
+    for kind in sorted({k for _, k, *_ in samples}):
+        mine = [s for s in samples if s[1] == kind]
+        halves = [[s for s in mine if (s[0] <= end / 2) == first] for first in (True, False)]
+        figures[f"{kind}.peak_rss_mib"] = round(max(s[3] for s in mine) / 2**20)
+        figures[f"{kind}.peak_private_mib"] = round(max(s[4] for s in mine) / 2**20)
+        for name, half in zip(("1st_half", "2nd_half"), halves, strict=True):
+            figures[f"{kind}.private_mib_{name}"] = round(max((s[4] for s in half), default=0) / 2**20)
+        figures[f"{kind}.processes"] = len({s[2] for s in mine})
+    return figures
 
 
 def run(rows: int, work: Path, model: Path) -> dict:
@@ -82,20 +110,18 @@ def run(rows: int, work: Path, model: Path) -> dict:
     started = time.perf_counter()
     driver = subprocess.Popen([sys.executable, "-m", "jobs.run", "--config", str(config)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    peaks: dict = {}
+    samples: list = []
     stop = threading.Event()
-    sampler = threading.Thread(target=sample, args=(driver.pid, peaks, stop), daemon=True)
+    sampler = threading.Thread(target=sample, args=(driver.pid, samples, stop), daemon=True)
     sampler.start()
     output = driver.communicate()[0]
     stop.set()
     sampler.join()
+    (work / f"log-{rows}.txt").write_text(output)  # the run's own log, kept to read afterwards
     if driver.returncode != 0:
         raise RuntimeError(f"jobs.run exited {driver.returncode}:\n{output[-3000:]}")
-    per_role = defaultdict(list)
-    for (kind, _), rss in peaks.items():
-        per_role[kind].append(rss / 2**20)
-    figures = {f"{kind}.peak_rss_mib": round(max(v)) for kind, v in sorted(per_role.items())}
-    figures.update({f"{kind}.processes": len(v) for kind, v in sorted(per_role.items())})
+    (work / f"memory-{rows}.json").write_text(json.dumps(samples))  # every sample, to plot or inspect
+    figures = memory_figures(samples)
     figures["wall_s"] = round(time.perf_counter() - started, 1)
     figures["rows_per_s"] = round(rows / figures["wall_s"], 2)
     return figures
