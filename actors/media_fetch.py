@@ -299,6 +299,6 @@ def _raise_exhausted(kind: str, shown: str, last: _Transient, attempts: int, tim
     raise RowError(
         ErrorCode.MEDIA_FETCH_FAILED,
         f"{kind} URL {shown!r} failed {attempts} attempts ({last}); the store was throttling, failing or "
-        "resetting connections. Try again later with output.mode: resume (this row will be retried), or "
-        "raise media.remote_attempts.",
+        "resetting connections. Try raising media.remote_attempts, or run the rows with this code again "
+        "later into another output (resume skips every row already in the output, error rows included).",
     )
