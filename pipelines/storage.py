@@ -3,11 +3,12 @@
     fs, path = filesystem_for("s3://bucket/out", config.storage)
 
 ``s3://`` gets a ``pyarrow.fs.S3FileSystem`` built from the job's ``storage`` section: its endpoint
-override (an S3-compatible store), region, timeouts and retry attempts (the AWS SDK's standard strategy:
-throttling, 5xx, resets and timeouts are retried with exponential backoff). Credentials are never passed
-here: the SDK finds them where users already keep them (AWS environment variables, profiles and
-~/.aws files, instance roles), so a pickled file system sent to a Ray task carries none of them. Every
-other URI (local paths, ``gs://``, ``hdfs://``) goes through ``pyarrow.fs.FileSystem.from_uri``.
+override (an S3-compatible store; else ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``), region,
+timeouts and retry attempts (the AWS SDK's standard strategy: throttling, 5xx, resets and timeouts are
+retried with exponential backoff). Credentials are never passed here: the SDK finds them where users
+already keep them (AWS environment variables, profiles and ~/.aws files, instance roles), so a pickled
+file system sent to a Ray task carries none of them. Every other URI (local paths, ``gs://``,
+``hdfs://``) goes through ``pyarrow.fs.FileSystem.from_uri``.
 
 File systems are cached per process and settings, so the SDK's connection pool is reused across calls.
 ``use(storage)`` sets the settings later calls without an explicit one get in this process: the driver
@@ -55,10 +56,12 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[pafs
                 "logged and written to the run summary). Try storage.s3_endpoint / storage.s3_region in the "
                 "config and the AWS environment variables or ~/.aws/credentials for credentials."
             )
+        # FileSystem.from_uri reads the endpoint variables; a constructed S3FileSystem does not
+        endpoint = storage.s3_endpoint or _env_endpoint()
         region = storage.s3_region
-        if region is None and not storage.s3_endpoint and not _env_region():
+        if region is None and not endpoint and not _env_region():
             region = _bucket_region(rest.split("/", 1)[0])  # as FileSystem.from_uri does for s3://
-        key = (storage.s3_endpoint, region, storage.connect_timeout_s, storage.request_timeout_s,
+        key = (endpoint, region, storage.connect_timeout_s, storage.request_timeout_s,
                storage.max_attempts)  # fmt: skip
         return _s3(*key), rest.rstrip("/")
     return pafs.FileSystem.from_uri(uri)
@@ -68,10 +71,13 @@ def _env_region() -> str | None:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
+def _env_endpoint() -> str | None:
+    """The endpoint the AWS environment names for S3 (``storage.s3_endpoint`` wins over it)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 @functools.lru_cache(maxsize=64)
 def _bucket_region(bucket: str) -> str | None:
-    if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
-        return None  # another store: AWS's region lookup does not apply
     try:
         return pafs.resolve_s3_region(bucket)
     except OSError:
