@@ -102,6 +102,9 @@ class RemoteFetcher:
 
     # --- one item ---------------------------------------------------------------------------------
     def _fetch(self, url: str, shown: str, kind: str) -> bytes:
+        from pipelines.storage import redact
+
+        shown = redact(shown)  # a presigned URL's signature stays out of error rows and logs
         scheme = url.split("://", 1)[0].lower()
         if scheme == "s3":
             return self._fetch_s3(url, shown, kind)
@@ -123,8 +126,16 @@ class RemoteFetcher:
 
     def _fetch_s3(self, url: str, shown: str, kind: str) -> bytes:
         from pipelines.storage import filesystem_for
+        from schemas.errors import JobError
 
-        fs, path = filesystem_for(url, self.storage)  # the SDK retries transient errors itself
+        try:
+            fs, path = filesystem_for(url, self.storage)  # the SDK retries transient errors itself
+        except JobError as e:  # options or user info in the URL: the job's URIs may not have them either
+            raise RowError(
+                ErrorCode.MEDIA_PATH_REFUSED,
+                f"{kind} URL {shown!r} holds '?' options or user info, which s3:// URLs may not. Try the "
+                "object's plain s3://bucket/key URL (credentials come from the job's AWS settings).",
+            ) from e
         try:
             with fs.open_input_file(path) as f:  # a HEAD: the size before any byte of the body
                 size = f.size()

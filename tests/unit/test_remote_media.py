@@ -48,6 +48,14 @@ def test_each_http_failure_has_its_own_code(web):
     assert web.requests.count("/slow") == web.requests.count("/reset") == 3  # retried, then given up
 
 
+def test_a_presigned_urls_signature_stays_out_of_its_error_row(web):
+    signed = web.url("/missing?X-Amz-Credential=AKIA-SECRET&X-Amz-Signature=SIGNATURE-SECRET&v=1")
+    with pytest.raises(RowError) as e:
+        read_media_path(signed, _source(web), "image")
+    assert e.value.code == ErrorCode.MEDIA_NOT_FOUND and "v=1" in str(e.value)
+    assert "SECRET" not in str(e.value)
+
+
 def test_transient_errors_are_retried_with_backoff(web):
     web.flaky_failures = 2
     assert read_media_path(web.url("/flaky/cat.jpg"), _source(web), "image") == CAT
@@ -100,6 +108,8 @@ def test_s3_media_codes(s3):
     assert read_media_path("cat.jpg", source, "image") == CAT
     assert _code("nope.jpg", source) == ErrorCode.MEDIA_NOT_FOUND
     assert _code(s3.url("elsewhere/cat.jpg"), source) == ErrorCode.MEDIA_PATH_REFUSED
+    # options in a row's s3:// URL: that row's error, not the job's
+    assert _code("cat.jpg?versionId=1", source) == ErrorCode.MEDIA_PATH_REFUSED
     small = MediaSource(media_root=s3.url("media"), storage=s3.storage, max_bytes=100)
     assert _code("cat.jpg", small) == ErrorCode.MEDIA_TOO_LARGE
     if s3.server is None:
