@@ -58,8 +58,8 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[pafs
             )
         # FileSystem.from_uri reads the endpoint variables; a constructed S3FileSystem does not
         endpoint = storage.s3_endpoint or _env_endpoint()
-        region = storage.s3_region
-        if region is None and not endpoint and not _env_region():
+        region = storage.s3_region or _env_region()
+        if region is None and not endpoint:
             region = _bucket_region(rest.split("/", 1)[0])  # as FileSystem.from_uri does for s3://
         key = (endpoint, region, storage.connect_timeout_s, storage.request_timeout_s,
                storage.max_attempts)  # fmt: skip
