@@ -1,4 +1,4 @@
-"""The GPU stage: prepared rows -> output rows, through one vLLM engine per actor.
+"""The GPU stage: prepared rows -> output rows, through one engine per actor (``actors.engines``).
 
 ``GenerateRows`` is a plain callable class. Rows that arrive as errors pass through untouched; every
 other row gets the engine's answer, an ENGINE_ERROR (the engine refused or failed that request), or
@@ -10,15 +10,14 @@ from __future__ import annotations
 import importlib
 import os
 import socket
-from collections.abc import Callable
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 
 from actors.attempts import QUARANTINE_AFTER, AttemptLedger, LocalAttemptLedger
 from actors.chunks import stitch_texts
-from actors.engine import EngineRequest, EngineResult, Phi4MMEngine
+from actors.engines import build_engine
+from actors.engines.contract import EngineFactory, EngineRequest, EngineResult
 from schemas.job import JobConfig
 from schemas.rows import OUTPUT_SCHEMA, ErrorCode, Status, output_row_from_prepared
 
@@ -67,25 +66,6 @@ def _media_chunk(chunk: pa.ListArray, blob: str) -> list[list[dict] | None]:
     return out
 
 
-def to_engine_requests(row: dict, alone: bool = False) -> list[EngineRequest]:
-    """A prepared row's requests: one, or one per window of a chunked audio clip."""
-    request = EngineRequest(
-        prompt=row["prompt"],
-        images=row["images"] or [],
-        audios=row["audios"] or [],
-        adapter=row["adapter"],
-        max_tokens=row["max_tokens"],
-        temperature=row["temperature"],
-        top_p=row["top_p"],
-        seed=row["seed"],
-        stop=row["stop"],
-        alone=alone,
-    )
-    if not row["audio_chunks"]:
-        return [request]
-    return [replace(request, audios=[window]) for window in request.audios]
-
-
 def merge_results(results: list[EngineResult]) -> EngineResult:
     """One row's result from its windows' results, in order; any failed window fails the row."""
     if len(results) == 1:
@@ -113,7 +93,7 @@ class GenerateRows:
         self,
         config: JobConfig,
         run_id: str,
-        engine_factory: Callable[[JobConfig], object] | None = None,
+        engine_factory: EngineFactory = build_engine,
         ledger: AttemptLedger | None = None,
     ):
         run_init_hook(config.engine.init_hook)
@@ -121,7 +101,7 @@ class GenerateRows:
         self.run_id = run_id
         self.ledger = ledger or LocalAttemptLedger()
         self.actor_key = f"{socket.gethostname()}:{os.getpid()}"
-        self.engine = (engine_factory or Phi4MMEngine)(config)
+        self.engine = engine_factory(config)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prepared = prepared_rows(batch)
@@ -152,7 +132,7 @@ class GenerateRows:
     def _run(self, indices: list[int], prepared: list[dict], rows: list[dict], alone: bool) -> None:
         # once per id: rows sharing an id (duplicates in the input) count one crash once, not once each
         ids = list(dict.fromkeys(prepared[i]["id"] for i in indices))
-        per_row = [to_engine_requests(prepared[i], alone) for i in indices]
+        per_row = [EngineRequest.from_prepared(prepared[i], alone) for i in indices]
         self.ledger.start(ids)
         flat: list[EngineResult] = self.engine.generate([r for requests in per_row for r in requests])
         self.ledger.finish(ids)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import pyarrow as pa
+from pydantic import ValidationError
 
 from actors.attempts import AttemptLedger
 from actors.chunks import chunk_waveform
@@ -43,19 +44,13 @@ from actors.tokens import fitted_size, letterbox_size, num_audio_tokens, num_ima
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
 from schemas.rows import PREPARED_SCHEMA, ErrorCode, RowError, Status, empty_prepared_row
+from schemas.sampling import RowSampling
 
 logger = logging.getLogger(__name__)
 
 
 def _sizes(images: list[DecodedImage]) -> list[tuple[int, int]]:
     return [(im.width, im.height) for im in images]
-
-
-def _stop_list(value) -> list[str]:
-    values = [value] if isinstance(value, str) else list(value)
-    if not all(isinstance(v, str) for v in values):
-        raise TypeError("stop strings must be text")
-    return values
 
 
 def load_tokenizer(config: JobConfig):
@@ -309,31 +304,17 @@ class PreprocessRows:
         return images, None
 
     def _read_sampling(self, row: dict, out: dict) -> None:
-        cols = self.columns
-        for name, cast, valid, rule in (
-            ("max_tokens", int, lambda v: v >= 1, ">= 1"),
-            ("temperature", float, lambda v: v >= 0, ">= 0"),
-            ("top_p", float, lambda v: 0 < v <= 1, "in (0, 1]"),
-            ("seed", int, lambda v: True, "an integer"),
-            (
-                "stop",
-                _stop_list,
-                lambda v: 0 < len(v) <= 16 and all(v),
-                "a string or a list of 1-16 non-empty strings",
-            ),
-        ):
-            column = getattr(cols, name)
-            value = row.get(column) if column else None
-            if value is None:
-                continue
-            try:
-                value = cast(value)
-                ok = valid(value)
-            except (TypeError, ValueError, OverflowError):
-                ok = False
-            if not ok:
-                raise RowError(
-                    ErrorCode.INVALID_SAMPLING,
-                    f"column {column!r} holds {row.get(column)!r}; {name} must be {rule}.",
-                )
-            out[name] = value
+        """The row's sampling columns, validated with the engine contract's ``RowSampling``."""
+        columns = {name: getattr(self.columns, name) for name in RowSampling.model_fields}
+        given = {name: row.get(col) for name, col in columns.items() if col and row.get(col) is not None}
+        try:
+            out.update(RowSampling.model_validate(given).model_dump(exclude_none=True))
+        except ValidationError as e:
+            error = e.errors()[0]
+            name = error["loc"][0]
+            raise RowError(
+                ErrorCode.INVALID_SAMPLING,
+                f"column {columns[name]!r} holds {given[name]!r:.200}; {name}: {error['msg']}. "
+                f"Try a value within its bounds ({RowSampling.model_fields[name].description}) or null for "
+                f"the job's sampling.{name}.",
+            ) from None

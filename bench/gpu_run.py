@@ -86,13 +86,14 @@ def _with_fresh_keys(prompt: dict, suffix: str) -> dict:
 
 
 def run_engine(config: JobConfig, marks: dict, lora_cost_rows: int) -> dict:
-    from actors.engine import engine_kwargs, engine_prompt
-    from actors.generate import prepared_rows, run_init_hook, to_engine_requests
-    from actors.vllm_plugin import register
+    from actors.engines.contract import EngineRequest
+    from actors.engines.vllm_engine import engine_kwargs, engine_prompt
+    from actors.engines.vllm_plugin import register
+    from actors.generate import prepared_rows, run_init_hook
     from bench.plain_vllm import lora_requests, sampling_params
 
     prepared = prepared_rows(prepare_all(config))
-    requests = [r for row in prepared if row["status"] == "ok" for r in to_engine_requests(row)]
+    requests = [r for row in prepared if row["status"] == "ok" for r in EngineRequest.from_prepared(row)]
     held = set([i for i, r in enumerate(requests) if r.adapter][:lora_cost_rows])
     lora_rows = [r for i, r in enumerate(requests) if i in held]
     requests = [r for i, r in enumerate(requests) if i not in held]

@@ -77,7 +77,7 @@ def run(config: JobConfig, marks: dict) -> dict:
     """Run the script; ``marks`` gets wall-clock times ('engine_up'). Returns counts for the benchmark."""
     from vllm import LLM
 
-    from actors.engine import engine_kwargs
+    from actors.engines.vllm_engine import engine_kwargs
 
     root = Path(config.input.path)
     root = root if root.is_dir() else root.parent

@@ -218,9 +218,10 @@ def bench_gpu_actor(inputs, seconds, engine_ms_per_row: float) -> dict:
     import pyarrow as pa
     import torch
 
-    from actors.engine import engine_prompt
+    from actors.engines.contract import EngineRequest
+    from actors.engines.vllm_engine import engine_prompt
     from actors.features import crops_from_canvas, image_canvas
-    from actors.generate import prepared_rows, to_engine_requests
+    from actors.generate import prepared_rows
     from actors.media import decode_audio, decode_image
     from actors.preprocess import prepared_audio, prepared_image
     from schemas.rows import PREPARED_SCHEMA, empty_prepared_row
@@ -228,7 +229,12 @@ def bench_gpu_actor(inputs, seconds, engine_ms_per_row: float) -> dict:
     def arrow_to_requests_ms(rows: list[dict]) -> float:
         """CPU ms per row from a prepared Arrow batch (8 rows) to the engine's prompts with tensors."""
         batch = pa.Table.from_pylist(rows * 8, schema=PREPARED_SCHEMA)
-        build = lambda: [engine_prompt(r) for row in prepared_rows(batch) for r in to_engine_requests(row)]  # noqa: E731
+
+        def build():
+            return [
+                engine_prompt(r) for row in prepared_rows(batch) for r in EngineRequest.from_prepared(row)
+            ]
+
         return cpu_ms(build, seconds) / batch.num_rows
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -276,8 +282,9 @@ def bench_vllm_input_processing(inputs, seconds, engine_ms_per_row: float) -> di
     # as in a GPU actor (engine.executor: uni): the engine core in this process, so its CPU time is ours
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from actors.engine import Phi4MMEngine, engine_prompt
-    from actors.generate import run_init_hook, to_engine_requests
+    from actors.engines.contract import EngineRequest
+    from actors.engines.vllm_engine import Engine, engine_prompt
+    from actors.generate import run_init_hook
     from actors.media import decode_audio, decode_image
     from actors.preprocess import PreprocessRows
     from jobs.make_tiny_model import write_tiny_checkpoint
@@ -293,7 +300,7 @@ def bench_vllm_input_processing(inputs, seconds, engine_ms_per_row: float) -> di
                    "executor": "uni", "init_hook": "jobs.tiny_vision:shrink_siglip"},
     })  # fmt: skip
     run_init_hook(config.engine.init_hook)
-    engine = Phi4MMEngine(config)
+    engine = Engine(config)
     rows = [{"id": "img", "image": {"bytes": inputs["jpeg_1080p"], "path": None}, "audio": None},
             {"id": "aud", "image": None, "audio": {"bytes": inputs["flac_30s_48k"], "path": None}}]  # fmt: skip
     schema = pa.schema([("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT)])
@@ -322,7 +329,7 @@ def bench_vllm_input_processing(inputs, seconds, engine_ms_per_row: float) -> di
     out = {}
     for name, row, raw in (("image_dhd16", img_row, {"image": raw_image}),
                            ("audio_30s", aud_row, {"audio": (raw_audio, 16000)})):  # fmt: skip
-        (request,) = to_engine_requests(row)
+        (request,) = EngineRequest.from_prepared(row)
         prepared_ms = add_ms(lambda r=request: engine_prompt(r))
         out[f"gpu_actor.vllm_input_processing_{name}.prepared_cpu_ms"] = prepared_ms
         out[f"gpu_actor.vllm_input_processing_{name}.raw_media_cpu_ms"] = add_ms(

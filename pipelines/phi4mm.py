@@ -29,7 +29,6 @@ def build_stages(config: JobConfig, run_id: str, ledger=None) -> list[StageSpec]
     from actors.generate import GenerateRows
     from actors.preprocess import PreprocessRows
 
-    pre, gen = config.resources.preprocess, config.resources.generate
     engine_env = {**compile_cache_env(config.engine.compile_cache_dir), **config.engine.env}
     if config.engine.executor == "uni":
         # Keeps the engine core in the actor's own process: starts ~3x faster, one process to restart.
@@ -38,23 +37,13 @@ def build_stages(config: JobConfig, run_id: str, ledger=None) -> list[StageSpec]
         StageSpec(
             fn=PreprocessRows,
             fn_constructor_kwargs={"config": config, "ledger": ledger},
-            concurrency=pre.concurrency,
-            batch_size=pre.batch_size,
-            num_cpus=pre.num_cpus,
-            num_gpus=pre.num_gpus,
-            concurrent_batches=pre.concurrent_batches,
-            max_restarts=pre.max_restarts,
+            resources=config.resources.preprocess,
         ),
         StageSpec(
             fn=GenerateRows,
             fn_constructor_kwargs={"config": config, "run_id": run_id, "ledger": ledger},
-            concurrency=gen.concurrency,
-            batch_size=gen.batch_size,
-            num_cpus=gen.num_cpus,
-            num_gpus=gen.num_gpus,
+            resources=config.resources.generate,
             env=engine_env,
-            concurrent_batches=gen.concurrent_batches,
-            max_restarts=gen.max_restarts,
         ),
     ]
 

@@ -6,11 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.job import pool_bounds
+from schemas.job import StageResources, pool_bounds
 
 
 class StageSpec(BaseModel):
-    """One ``map_batches`` step: a callable class run by a pool of actors."""
+    """One ``map_batches`` step: a callable class run by a pool of actors, scheduled as configured."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
@@ -18,15 +18,13 @@ class StageSpec(BaseModel):
         description="Callable class: __init__(**fn_constructor_kwargs), __call__(pa.Table) -> pa.Table."
     )
     fn_constructor_kwargs: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments.")
-    concurrency: int | tuple[int, int] = Field(1, description="Actor pool size, or (min, max) to autoscale.")
-    batch_size: int = Field(16, ge=1, description="Rows per call.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per actor.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    resources: StageResources = Field(
+        default_factory=StageResources,
+        description="The stage's pool as the job configures it (resources.preprocess / resources.generate).",
+    )
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of the stage's actors."
     )
-    concurrent_batches: int = Field(1, ge=1, description="Calls one actor runs at once (in threads).")
-    max_restarts: int = Field(8, ge=0, description="Restarts of one actor before the job stops.")
 
 
 def apply(ds, stages: list[StageSpec]):
@@ -34,25 +32,26 @@ def apply(ds, stages: list[StageSpec]):
     from ray.data import ActorPoolStrategy
 
     for stage in stages:
-        low, high = pool_bounds(stage.concurrency)
+        res = stage.resources
+        low, high = pool_bounds(res.concurrency)
         compute = ActorPoolStrategy(
             min_size=low,
             max_size=high,
-            max_concurrent_calls_per_actor=stage.concurrent_batches,
-            enable_true_multi_threading=stage.concurrent_batches > 1,
+            max_concurrent_calls_per_actor=res.concurrent_batches,
+            enable_true_multi_threading=res.concurrent_batches > 1,
         )
         ds = ds.map_batches(
             stage.fn,
             fn_constructor_kwargs=stage.fn_constructor_kwargs,
-            batch_size=stage.batch_size,
+            batch_size=res.batch_size,
             batch_format="pyarrow",
             compute=compute,
-            num_cpus=stage.num_cpus,
-            num_gpus=stage.num_gpus or None,
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus or None,
             udf_modifying_row_count=False,
             runtime_env={"env_vars": dict(stage.env)} if stage.env else None,
             # Bounded, unlike Ray Data's default (-1): an actor that can never start must end the job.
             # Ray 2.60 deprecates passing it this way (and ray_remote_args_fn) without a named successor yet.
-            max_restarts=stage.max_restarts,
+            max_restarts=res.max_restarts,
         )
     return ds

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from schemas.errors import JobError
 from schemas.model import PHI4MM
+from schemas.sampling import MaxTokens, RowSampling, Seed, StopStrings, Temperature, TopP
 
 
 class _Strict(BaseModel):
@@ -69,7 +70,24 @@ def _read_yaml_mapping(path: Path) -> dict:
     return raw
 
 
-class ColumnsConfig(_Strict):
+# One optional input column per per-row sampling field (schemas.sampling.RowSampling), named like it.
+_SamplingColumns = create_model(
+    "_SamplingColumns",
+    __base__=_Strict,
+    **{
+        name: (
+            str | None,
+            Field(
+                name,
+                description=f"Optional per-row {name} column (null cells: sampling.{name}). {f.description}",
+            ),
+        )
+        for name, f in RowSampling.model_fields.items()
+    },
+)
+
+
+class ColumnsConfig(_SamplingColumns):
     """Names of the input columns. Set a media or prompt column to null when the dataset has none."""
 
     id: str = Field(
@@ -84,13 +102,6 @@ class ColumnsConfig(_Strict):
     prompt: str | None = Field(
         "prompt", description="Per-row instruction text; rows with null use prompt.default_*."
     )
-    max_tokens: str | None = Field("max_tokens", description="Optional per-row max_tokens override column.")
-    temperature: str | None = Field(
-        "temperature", description="Optional per-row temperature override column."
-    )
-    top_p: str | None = Field("top_p", description="Optional per-row top_p override column.")
-    seed: str | None = Field("seed", description="Optional per-row sampling seed column.")
-    stop: str | None = Field("stop", description="Optional per-row stop strings column (string or list).")
     sampling_rate: str | None = Field(
         "sampling_rate",
         description="Sampling rate (Hz) of audio given as a float array in the audio column.",
@@ -437,13 +448,15 @@ class EngineConfig(_Strict):
 
 
 class SamplingConfig(_Strict):
-    max_tokens: int = Field(
-        256, ge=1, description="Default completion budget; a row's max_tokens column overrides it."
+    """The job's sampling; a row's sampling columns override its fields (bounds: ``schemas.sampling``)."""
+
+    max_tokens: MaxTokens = Field(
+        256, description="Default completion budget; a row's max_tokens column overrides it."
     )
-    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, description="Sampling seed for reproducible non-greedy runs.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    temperature: Temperature = Field(0.0, description="0 = greedy.")
+    top_p: TopP = Field(1.0, description="Nucleus sampling mass.")
+    seed: Seed | None = Field(None, description="Sampling seed for reproducible non-greedy runs.")
+    stop: StopStrings = Field(default_factory=list, description="Stop strings.")
     ignore_eos: bool = Field(False, description="Keep generating past the end token (benchmarks only).")
 
 

@@ -11,6 +11,8 @@ from enum import Enum
 
 import pyarrow as pa
 
+from schemas.sampling import RowSampling
+
 
 class Status(str, Enum):
     OK = "ok"
@@ -82,13 +84,16 @@ PREPARED_AUDIO = pa.struct(
     ]
 )
 
-# Per-row sampling overrides; null means "use the job's default".
+_ARROW_TYPES = {
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "list<string>": pa.list_(pa.string()),
+}
+# Per-row sampling overrides (schemas.sampling.RowSampling); null means "use the job's default".
 SAMPLING_FIELDS: list[pa.Field] = [
-    pa.field("max_tokens", pa.int32()),
-    pa.field("temperature", pa.float32()),
-    pa.field("top_p", pa.float32()),
-    pa.field("seed", pa.int64()),
-    pa.field("stop", pa.list_(pa.string())),
+    pa.field(name, _ARROW_TYPES[field.json_schema_extra["arrow"]])
+    for name, field in RowSampling.model_fields.items()
 ]
 
 STATUS_FIELDS: list[pa.Field] = [

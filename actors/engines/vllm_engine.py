@@ -1,5 +1,5 @@
-"""vLLM engine wrapper for Phi-4-multimodal: engine arguments from the job config, LoRA by modality,
-batched generation with per-request failure isolation.
+"""The vLLM backend (``engine.backend: vllm``): engine arguments from the job config, LoRA by modality,
+continuous batching with per-request failure isolation.
 
 vLLM is imported only when an engine is built, so this module is cheap to import.
 """
@@ -10,43 +10,19 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from actors.engine_loop import EngineLoop, LoopStats
+from actors.engines.contract import EngineRequest, EngineResult, effective_sampling
+from actors.engines.vllm_loop import EngineLoop, LoopStats
+from actors.engines.vllm_plugin import PREPARED_ARCHITECTURE, register
 from actors.features import MASK_SIDE
-from actors.vllm_plugin import PREPARED_ARCHITECTURE, register
 from schemas.job import JobConfig
-from schemas.model import PHI4MM, Adapter
+from schemas.model import PHI4MM
+from schemas.sampling import RowSampling
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineRequest:
-    prompt: str
-    images: list[dict] = field(default_factory=list)  # schemas.rows.PREPARED_IMAGE values
-    audios: list[dict] = field(default_factory=list)  # schemas.rows.PREPARED_AUDIO values
-    adapter: Adapter | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
-    alone: bool = False  # run with nothing else in the engine (suspected of crashing it)
-
-
-@dataclass
-class EngineResult:
-    text: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None  # set when the engine rejected or failed this one request
-    queued_s: float | None = None  # submitted -> admitted into the engine
-    engine_s: float | None = None  # submitted -> finished
 
 
 def lora_rank_of(model_path: str) -> int:
@@ -85,7 +61,7 @@ def engine_kwargs(config: JobConfig) -> dict:
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
         distributed_executor_backend=engine.executor,
-        # the CPU stage's prepared media (actors.vllm_phi4mm); dict inputs count as embeddings for vLLM
+        # the CPU stage's prepared media (actors.engines.vllm_phi4mm); dict inputs count as embeddings for vLLM
         hf_overrides={"architectures": [PREPARED_ARCHITECTURE]},
         enable_mm_embeds=True,
         limit_mm_per_prompt={"image": engine.max_images_per_row, "audio": engine.max_audios_per_row},
@@ -109,7 +85,7 @@ def _tensor(data: bytes, dtype: str, shape: tuple[int, ...]):
 
 
 def image_inputs(images: list[dict]) -> dict:
-    """Prepared images -> the dict ``actors.vllm_phi4mm`` takes as the image items of one request."""
+    """Prepared images -> the dict ``actors.engines.vllm_phi4mm`` takes as the image items of one request."""
     import torch
 
     return {
@@ -140,9 +116,8 @@ def engine_prompt(request: EngineRequest) -> dict:
     return prompt
 
 
-class Phi4MMEngine:
-    """One vLLM engine behind a continuous-batching loop. ``generate`` is thread-safe, returns one
-    ``EngineResult`` per request, in order, and never raises because of a single bad request."""
+class Engine:
+    """One vLLM engine behind a continuous-batching loop (``actors.engines.contract.Engine``)."""
 
     def __init__(self, config: JobConfig):
         from vllm import LLM
@@ -169,7 +144,8 @@ class Phi4MMEngine:
     def _warm_up(self) -> None:
         """One short request before taking rows, so the first batch does not pay for lazy setup."""
         warm = EngineRequest(
-            prompt=f"{PHI4MM.user_tag}hello{PHI4MM.end_tag}{PHI4MM.assistant_tag}", max_tokens=1
+            prompt=f"{PHI4MM.user_tag}hello{PHI4MM.end_tag}{PHI4MM.assistant_tag}",
+            sampling=RowSampling(max_tokens=1),
         )
         (result,) = self.generate([warm])
         if result.error:
@@ -178,13 +154,13 @@ class Phi4MMEngine:
     def _sampling_params(self, request: EngineRequest):
         from vllm import SamplingParams
 
-        s = self.config.sampling
+        s = effective_sampling(self.config.sampling, request.sampling)
         return SamplingParams(
-            max_tokens=request.max_tokens or s.max_tokens,
-            temperature=s.temperature if request.temperature is None else request.temperature,
-            top_p=s.top_p if request.top_p is None else request.top_p,
-            seed=s.seed if request.seed is None else request.seed,
-            stop=(request.stop if request.stop is not None else list(s.stop)) or None,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=list(s.stop) or None,
             ignore_eos=s.ignore_eos,
         )
 

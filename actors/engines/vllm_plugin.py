@@ -1,9 +1,9 @@
-"""vLLM general plugin: registers ``Phi4MMPreparedForCausalLM`` (``actors.vllm_phi4mm``) with vLLM, on
-the CPU backend fixes its LoRA ops for rows without an adapter (``actors.vllm_cpu_lora``), and shows
+"""vLLM general plugin: registers ``Phi4MMPreparedForCausalLM`` (``actors.engines.vllm_phi4mm``) with vLLM,
+on the CPU backend fixes its LoRA ops for rows without an adapter (``actors.engines.vllm_cpu_lora``), and shows
 vLLM's per-request and per-module repeated warnings once per process (``actors.log_once``).
 
 vLLM calls ``register`` in every process it starts (entry point ``vllm.general_plugins`` in
-pyproject.toml), which multi-process executors need; ``Phi4MMEngine`` also calls it before building its
+pyproject.toml), which multi-process executors need; the vLLM ``Engine`` also calls it before building its
 engine, so it works where the project is not installed. Registration is lazy: nothing heavy is imported.
 """
 
@@ -21,8 +21,10 @@ def register() -> None:
     show_repeated_warnings_once()
 
     if PREPARED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(PREPARED_ARCHITECTURE, f"actors.vllm_phi4mm:{PREPARED_ARCHITECTURE}")
+        ModelRegistry.register_model(
+            PREPARED_ARCHITECTURE, f"actors.engines.vllm_phi4mm:{PREPARED_ARCHITECTURE}"
+        )
     if current_platform.is_cpu():
-        from actors.vllm_cpu_lora import patch_cpu_lora_ops
+        from actors.engines.vllm_cpu_lora import patch_cpu_lora_ops
 
         patch_cpu_lora_ops()

@@ -12,10 +12,12 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from actors.engine import EngineRequest, engine_prompt
+from actors.engines.contract import EngineRequest
+from actors.engines.vllm_engine import engine_prompt
 from actors.generate import GenerateRows
 from actors.preprocess import PreprocessRows
 from schemas.rows import MEDIA_STRUCT
+from schemas.sampling import RowSampling
 from tests.helpers import MEDIA, assert_adapters_apply_per_row_in_shared_steps, make_config
 
 DYNAMIC_HD = 2
@@ -102,10 +104,13 @@ def test_a_rejected_request_does_not_sink_its_neighbours(generate):
 
 def test_seeded_sampling_repeats(generate):
     req = EngineRequest(
-        prompt="<|user|>hello world<|end|><|assistant|>", temperature=1.0, seed=11, max_tokens=12
+        prompt="<|user|>hello world<|end|><|assistant|>",
+        sampling=RowSampling(temperature=1.0, seed=11, max_tokens=12),
     )
     first, second = generate.engine.generate([req]), generate.engine.generate([req])
-    other = generate.engine.generate([EngineRequest(**{**req.__dict__, "seed": 12})])
+    other = generate.engine.generate(
+        [req.model_copy(update={"sampling": req.sampling.model_copy(update={"seed": 12})})]
+    )
     assert first[0].text == second[0].text
     assert first[0].text != other[0].text
 
@@ -132,9 +137,11 @@ def test_chunked_long_audio_through_the_engine(config, generate):
 
 def test_per_row_stop_strings_end_generation(generate):
     prompt = "<|user|>hello world<|end|><|assistant|>"
-    (free,) = generate.engine.generate([EngineRequest(prompt=prompt, max_tokens=12)])
+    (free,) = generate.engine.generate([EngineRequest(prompt=prompt, sampling=RowSampling(max_tokens=12))])
     first_word = free.text.split()[1] if len(free.text.split()) > 1 else free.text.split()[0]
-    (stopped,) = generate.engine.generate([EngineRequest(prompt=prompt, max_tokens=12, stop=[first_word])])
+    (stopped,) = generate.engine.generate(
+        [EngineRequest(prompt=prompt, sampling=RowSampling(max_tokens=12, stop=[first_word]))]
+    )
     assert stopped.finish_reason == "stop" and stopped.completion_tokens < free.completion_tokens
     assert first_word not in stopped.text
 
@@ -147,7 +154,10 @@ def test_concurrent_batches_share_the_engine(generate):
     engine = generate.engine
     before = engine.loop.stats.requests
     engine.loop.stats.max_in_flight = 0  # earlier tests' peaks must not count
-    batch = [EngineRequest(prompt=f"<|user|>hello {i}<|end|><|assistant|>", max_tokens=48) for i in range(4)]
+    batch = [
+        EngineRequest(prompt=f"<|user|>hello {i}<|end|><|assistant|>", sampling=RowSampling(max_tokens=48))
+        for i in range(4)
+    ]
     results = {}
     threads = [
         threading.Thread(target=lambda k=k: results.__setitem__(k, engine.generate(batch))) for k in (0, 1)
@@ -196,7 +206,6 @@ def test_prepared_media_reach_the_model_as_its_own_processing_would(config, gene
     vision and audio towers."""
     import soundfile as sf
 
-    from actors.generate import to_engine_requests
     from actors.media import decode_image
 
     engine = generate.engine
@@ -213,7 +222,7 @@ def test_prepared_media_reach_the_model_as_its_own_processing_would(config, gene
         [("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())]
     )
     img_row, aud_row = PreprocessRows(config)(pa.Table.from_pylist(rows, schema=schema)).to_pylist()
-    (img_req,), (aud_req,) = to_engine_requests(img_row), to_engine_requests(aud_row)
+    (img_req,), (aud_req,) = EngineRequest.from_prepared(img_row), EngineRequest.from_prepared(aud_row)
 
     raw_ids, raw = _run_capturing_embeddings(
         engine, {"prompt": img_row["prompt"], "multi_modal_data": {"image": photo}}
@@ -252,8 +261,6 @@ def test_audio_beside_an_image_gets_the_vision_speech_projection(config, generat
     carry the row's shape (``audio_with_images``) and get the right one."""
     from vllm import SamplingParams
 
-    from actors.generate import to_engine_requests
-
     engine = generate.engine
     modes, handles = [], []
 
@@ -276,7 +283,7 @@ def test_audio_beside_an_image_gets_the_vision_speech_projection(config, generat
     try:
         for row in PreprocessRows(config)(pa.Table.from_pylist(rows, schema=schema)).to_pylist():
             modes.append(row["id"])
-            (request,) = to_engine_requests(row)
+            (request,) = EngineRequest.from_prepared(row)
             engine.loop.submit(engine_prompt(request), params).result(timeout=300)
     finally:
         for h in handles:
@@ -288,8 +295,6 @@ def test_an_image_shared_by_rows_is_encoded_once(config, generate):
     """Rows asking different questions about one image reuse its encoder output (by the cache key the CPU
     stage gives each media item), and a different image is encoded on its own."""
     from vllm import SamplingParams
-
-    from actors.generate import to_engine_requests
 
     engine = generate.engine
     calls, handles = [], []
@@ -307,7 +312,7 @@ def test_an_image_shared_by_rows_is_encoded_once(config, generate):
     params = SamplingParams(max_tokens=1, temperature=0.0)
     try:
         for row in PreprocessRows(config)(pa.Table.from_pylist(rows, schema=schema)).to_pylist():
-            (request,) = to_engine_requests(row)
+            (request,) = EngineRequest.from_prepared(row)
             engine.loop.submit(engine_prompt(request), params).result(timeout=300)
     finally:
         for h in handles:

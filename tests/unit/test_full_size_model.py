@@ -103,7 +103,7 @@ def test_adapter_configs_are_the_released_files(full_size):
 
 
 def test_lora_rank_bound(full_size):
-    from actors.engine import lora_rank_of
+    from actors.engines.vllm_engine import lora_rank_of
 
     assert lora_rank_of(str(full_size)) == PHI4MM.max_lora_rank == 320
 

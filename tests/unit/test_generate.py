@@ -5,7 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actors.engine import EngineResult, engine_kwargs, lora_rank_of
+from actors.engines.contract import EngineResult
+from actors.engines.vllm_engine import engine_kwargs, lora_rank_of
 from actors.generate import GenerateRows
 from schemas.rows import OUTPUT_SCHEMA, PREPARED_SCHEMA, empty_prepared_row
 from tests.helpers import make_config
@@ -67,7 +68,7 @@ def test_error_rows_pass_through_and_engine_errors_are_isolated(tiny_model, tmp_
     assert got[0]["text"].startswith("len=") and got[0]["run_id"] == "r1"
     (batch,) = stage.engine.calls  # one batched call with the three ok rows
     assert len(batch) == 3
-    assert batch[2].adapter == "speech" and batch[2].max_tokens == 5 and batch[2].audios[0]["frames"] == 98
+    assert batch[2].adapter == "speech" and batch[2].sampling.max_tokens == 5 and batch[2].audios[0]["frames"] == 98
 
 
 def test_engine_kwargs_from_config(tiny_model, tmp_path):

@@ -134,6 +134,11 @@ def test_stages_take_scheduling_from_the_config(tmp_path):
         }  # fmt: skip
     )
     pre, gen = build_stages(cfg, "run")
-    assert (gen.concurrency, gen.max_restarts, gen.concurrent_batches) == ((1, 3), 2, 3)
+    assert gen.resources is cfg.resources.generate and pre.resources is cfg.resources.preprocess
+    assert (gen.resources.concurrency, gen.resources.max_restarts, gen.resources.concurrent_batches) == (
+        (1, 3),
+        2,
+        3,
+    )
     assert gen.env == {"A": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process engine with 'uni'
-    assert pre.max_restarts == 8 and pre.num_gpus == 0
+    assert pre.resources.max_restarts == 8 and pre.resources.num_gpus == 0

@@ -21,10 +21,11 @@ class Stage:
 
 def test_apply_maps_resources_onto_map_batches_and_bounds_restarts():
     ds = RecordingDataset()
-    specs = [
-        StageSpec(fn=Stage, concurrency=(1, 4), batch_size=32, num_cpus=0.5, max_restarts=3),
-        StageSpec(fn=Stage, concurrency=2, num_gpus=1, concurrent_batches=4, max_restarts=0, env={"A": "1"}),
-    ]
+    from schemas.job import StageResources
+
+    pre_res = StageResources(concurrency=(1, 4), batch_size=32, num_cpus=0.5, max_restarts=3)
+    gen_res = StageResources(concurrency=2, num_gpus=1, concurrent_batches=4, max_restarts=0)
+    specs = [StageSpec(fn=Stage, resources=pre_res), StageSpec(fn=Stage, resources=gen_res, env={"A": "1"})]
     apply(ds, specs)
     (_, pre), (_, gen) = ds.calls
     assert (pre["max_restarts"], gen["max_restarts"]) == (3, 0)  # never Ray Data's unbounded default
@@ -53,6 +54,7 @@ def test_gpu_actors_get_the_compile_cache_and_the_engine_env(tmp_path):
         "/models/x", tmp_path, engine={"compile_cache_dir": "/shared/cache", "env": {"X": "1"}}
     )
     pre, gen = build_stages(config, run_id="r")
+    assert (pre.resources, gen.resources) == (config.resources.preprocess, config.resources.generate)
     assert gen.env["VLLM_CACHE_ROOT"] == "/shared/cache/vllm"
     assert gen.env["TRITON_CACHE_DIR"] == "/shared/cache/triton"
     assert gen.env["TORCHINDUCTOR_CACHE_DIR"] == "/shared/cache/inductor"
