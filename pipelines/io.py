@@ -12,8 +12,9 @@
   name even while a lagging listing does not show it yet, and a part an overwrite replaced is ignored
   even while a lagging listing still shows it (``committed_parts``). The markers are also kept together
   in ``_committed.json``, which is read by name: finding them needs no listing;
-- ``resume`` and ``error`` runs commit parts as they go, at most ``output.commit_every_rows`` rows each, so
-  a killed run keeps what it committed and ``resume`` carries on from there;
+- ``resume`` and ``error`` runs commit parts as they go (``pipelines.writer``): a part once
+  ``output.commit_every_rows`` rows wait for one or the oldest has waited ``output.commit_every_s``
+  seconds, so a killed run keeps what it committed and ``resume`` carries on from there;
 - an ``overwrite`` run commits its parts under ``_staging-<run>/``; only when the run is complete and
   audited does it write its commit marker ``_committed-<run>.json`` (new parts, parts they replace), move
   the new parts in and delete the old ones. A reader sees the old output until then, never none; a swap
@@ -132,7 +133,7 @@ def check_run_id_unused(uri: str, run_id: str) -> None:
     fs, root = _fs_and_path(uri)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return
-    own = re.compile(rf"{PART_PREFIX}{re.escape(run_id)}-\d{{6}}-\d{{4}}\.parquet")
+    own = re.compile(rf"{PART_PREFIX}{re.escape(run_id)}-\d{{6}}-\d{{4,}}\.parquet")
     for f in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
         if own.fullmatch(f.base_name) or f.base_name in (
             f"{MARKER_PREFIX}{run_id}.json",
@@ -355,8 +356,8 @@ def write_part_files(
 
 
 def part_name(run_id: str, task_idx: int, chunk_idx: int) -> str:
-    # A retried task gets the same rows in the same order, so its names repeat: a retry replaces its own
-    # earlier files instead of adding to them.
+    # Unique in a run: writers number their parts on. The same name written again (a test's retry)
+    # replaces the earlier file instead of adding to it.
     return f"{PART_PREFIX}{run_id}-{task_idx:06d}-{chunk_idx:04d}.parquet"
 
 
@@ -389,37 +390,20 @@ def write_in_parts(
     tables: Iterable[pa.Table],
     uri: str,
     run_id: str,
-    task_idx: int,
+    index: int,
     part_rows: int,
     *,
     into: str | None = None,
     lock_run_id: str | None = None,
 ) -> WriteStats:
-    """A write task's tables committed as part files of ``part_rows`` rows as soon as that many have come
-    (the last part of the task may be smaller), so a kill loses at most about ``part_rows`` rows of it."""
-    stats, pending, n_pending = WriteStats(), [], 0
+    """Tables committed as part files of ``part_rows`` rows as soon as that many have come, the rest at
+    the end, in this process (``pipelines.writer.PartWriter``, with no time limit: nothing ticks here)."""
+    from pipelines.writer import PartWriter
 
-    def commit(table: pa.Table) -> None:
-        stats.add(
-            write_part_files(
-                table, uri, run_id, task_idx, part_rows,
-                first_chunk=len(stats.files), into=into, lock_run_id=lock_run_id,
-            )
-        )  # fmt: skip
-
+    writer = PartWriter(uri, run_id, index, part_rows, into=into, lock_run_id=lock_run_id)
     for table in tables:
-        if not table.num_rows:
-            continue
-        pending.append(table)
-        n_pending += table.num_rows
-        if n_pending >= part_rows:  # commit the whole parts now; the rest waits for more rows
-            rows = pa.concat_tables(pending)
-            whole = n_pending - n_pending % part_rows
-            commit(rows.slice(0, whole))
-            pending, n_pending = [rows.slice(whole)], n_pending - whole
-    if n_pending:
-        commit(pa.concat_tables(pending))
-    return stats
+        writer.add(table)
+    return writer.close()
 
 
 def write_manifest(uri: str, run_id: str, summary: dict) -> None:

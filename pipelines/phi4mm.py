@@ -77,7 +77,7 @@ def warn_if_resources_short(config: JobConfig) -> None:
     available = ray.cluster_resources().get("CPU", 0)
     if available < needed:
         logger.warning(
-            "the cluster has %.1f CPUs but the actor pools plus one file-listing/read/write task need %.1f: unless the "
+            "the cluster has %.1f CPUs but the actor pools plus one file-listing/read task need %.1f: unless the "
             "cluster autoscales, the job will stall. Try lowering resources.*.num_cpus or resources.io_num_cpus.",
             available,
             needed,
@@ -123,6 +123,15 @@ def read_input(config: JobConfig, done_ids: pa.Array, keep_ids: pa.Array | None 
     return ds.repartition(target_num_rows_per_block=config.resources.preprocess.batch_size)
 
 
+def parts_summary(names: list[str], shown: int = 3) -> dict[str, Any]:
+    """The run's committed parts as the summary gives them: how many, the first and last few names (the
+    run's commit marker ``_committed-<run>.json`` names them all)."""
+    names = sorted(names)
+    if len(names) <= 2 * shown:
+        return {"count": len(names), "first": names, "last": []}
+    return {"count": len(names), "first": names[:shown], "last": names[-shown:]}
+
+
 def run_pipeline(
     config: JobConfig, run_id: str, plan: JobPlan | None = None, lock: OutputLock | None = None
 ) -> dict[str, Any]:
@@ -153,29 +162,22 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     else:
         skipped = count_in(plan.input_ids.batches(), done_ids)
     warn_if_resources_short(config)
-    io_args = {"num_cpus": config.resources.io_num_cpus}
     ds = read_input(config, done_ids, keep_ids)
     from pipelines.ledger import RayAttemptLedger
 
     ledger = RayAttemptLedger(run_id).create()  # outlives GPU actors that crash
     ds = apply(ds, build_stages(config, run_id, ledger))
-    # A part holds at most commit_every_rows rows: bigger blocks are split before the write (streaming;
-    # smaller ones pass as they are, so no write waits for rows to fill a part).
-    ds = ds.repartition(target_num_rows_per_block=out.commit_every_rows)
-    from pipelines.sink import CommittingParquetSink
+    from pipelines.writer import write_stream
 
+    # Parts of commit_every_rows rows (or commit_every_s seconds of rows) whatever the blocks' sizes:
+    # the writer actor buffers rows across blocks (pipelines.writer).
     into = staging_name(run_id) if out.mode == "overwrite" else None
-    sink = CommittingParquetSink(
-        out.path, run_id, out.rows_per_file, out.commit_every_rows, into=into, lock_run_id=run_id,
-        storage=config.storage,
-    )  # fmt: skip
     try:
-        ds.write_datasink(sink, ray_remote_args=io_args)
+        stats = write_stream(ds, out, run_id, into=into, lock_run_id=run_id, storage=config.storage)
         actors = ledger.actor_stats()
     finally:
         ledger.close()
     wall_s = time.perf_counter() - started
-    stats = sink.stats
     # An overwrite is audited where it was staged and swapped in only when whole: otherwise the old
     # output stays as it was (and the staged parts are removed by the next run). The audit streams the
     # input's and the output's ids into hash buckets: bounded memory whatever the row count.
@@ -202,7 +204,7 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         "completion_tokens": stats.completion_tokens,
         "wall_s": round(wall_s, 2),
         "rows_per_s": round(stats.rows / wall_s, 3) if wall_s else None,
-        "files": sorted(stats.files),
+        "parts": parts_summary(stats.files),
         "engines": actors.get("generate", {}),
         "cpu_actors": actors.get("preprocess", {}),
         "audit": {**check.__dict__, "ok": check.ok},

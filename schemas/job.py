@@ -196,9 +196,20 @@ class OutputConfig(_Strict):
         1_000,
         ge=1,
         description=(
-            "Commit a part file at least every this many output rows (a part never holds more): a run that "
-            "is killed loses at most about this many rows per write task, and resume carries on from the "
-            "rest. Smaller: less lost on a kill, more and smaller files."
+            "Commit a part file once this many output rows wait for one (a part never holds more; at most "
+            "rows_per_file): a run that is killed loses at most this many rows, or commit_every_s seconds "
+            "of rows, and resume carries on from the rest. Smaller: less lost on a kill, more and smaller "
+            "files."
+        ),
+    )
+    commit_every_s: float = Field(
+        60.0,
+        ge=1.0,
+        le=86_400.0,
+        description=(
+            "Commit the rows waiting for a part once the oldest of them has waited this many seconds, even "
+            "if fewer than commit_every_rows: bounds what a kill loses when rows come slowly. Smaller: less "
+            "lost on a kill, more and smaller files."
         ),
     )
 
@@ -500,7 +511,10 @@ class ResourcesConfig(_Strict):
     io_num_cpus: float = Field(
         1.0,
         gt=0,
-        description="CPUs per Parquet read/write task (lower it on small machines so actors leave room).",
+        description=(
+            "CPUs per Parquet read task (lower it on small machines so actors leave room); the output's "
+            "writer actor asks for none."
+        ),
     )
     preprocess: StageResources = Field(
         default_factory=lambda: StageResources(concurrency=(1, 4), batch_size=32),

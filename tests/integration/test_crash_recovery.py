@@ -22,7 +22,7 @@ def _config(tiny_model, tmp_path, rows, hook):
         tiny_model,
         tmp_path,
         input={"path": str(data)},
-        output={"path": str(tmp_path / "out"), "rows_per_file": 4},
+        output={"path": str(tmp_path / "out"), "rows_per_file": 4, "commit_every_s": 3600},
         engine={"init_hook": hook, "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}},
         sampling={"max_tokens": 96, "ignore_eos": True},
         resources={"generate": {"concurrency": 1, "batch_size": 4, "num_cpus": 0.5, "concurrent_batches": 2},
@@ -62,6 +62,8 @@ def test_a_gpu_actor_killed_mid_run_loses_and_duplicates_nothing(local_ray, tiny
     ids = pq.read_table(config.output.path).column("id").to_pylist()
     assert sorted(ids) == [r["id"] for r in rows]  # each exactly once
     assert summary["audit"]["ok"] and summary["status"] == {"ok": 64}
+    # parts of 4 rows (rows_per_file): the batches the killed actor's replacement redid add none
+    assert summary["parts"]["count"] == 16
     # both the killed actor and its replacement served batches: the kill landed mid-run
     assert len(summary["engines"]) == 2
 

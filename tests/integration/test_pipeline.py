@@ -7,6 +7,7 @@ import pytest
 
 from actors.preprocess import PreprocessRows
 from jobs.make_sample_data import SCHEMA, sample_rows
+from pipelines.io import committed_parts
 from pipelines.phi4mm import run_pipeline
 from tests.helpers import MEDIA, make_config
 
@@ -32,7 +33,12 @@ def config(tiny_model, dataset, tmp_path_factory):
         tiny_model,
         tmp_path_factory.mktemp("run"),
         input={"path": str(dataset), "media_root": str(MEDIA)},
-        output={"path": str(tmp_path_factory.mktemp("out") / "out"), "mode": "resume", "rows_per_file": 5},
+        output={
+            "path": str(tmp_path_factory.mktemp("out") / "out"),
+            "mode": "resume",
+            "rows_per_file": 5,
+            "commit_every_s": 3600,
+        },  # parts by rows only, however slowly the machine runs
         engine={"init_hook": "jobs.tiny_vision:shrink_siglip"},
     )
 
@@ -47,7 +53,11 @@ def test_one_output_row_per_input_row(first_run, config, dataset):
     inputs = pq.read_table(dataset)
     assert sorted(out.column("id").to_pylist()) == sorted(inputs.column("id").to_pylist())
     assert first_run["audit"]["ok"] and first_run["rows_written"] == inputs.num_rows
-    assert len(first_run["files"]) >= 2  # rows_per_file=5 splits the output
+    # parts of 5 rows (rows_per_file) across the blocks of 8 (batch_size), the rest in the last: not a part
+    # per block
+    sizes = sorted((pq.read_metadata(p).num_rows for p in committed_parts(config.output.path)), reverse=True)
+    assert sizes == [5] * (inputs.num_rows // 5) + ([inputs.num_rows % 5] if inputs.num_rows % 5 else [])
+    assert first_run["parts"]["count"] == len(sizes) == -(-inputs.num_rows // 5)
     (engine,) = first_run["engines"].values()  # one GPU actor, its engine's own counters
     # one request per ok row (no chunked audio here), the engine's warm-up not counted
     assert engine["requests"] == first_run["status"]["ok"] and engine["rejected"] == 0
