@@ -38,7 +38,7 @@ from actors.media import (
     load_bytes,
     remote_media,
 )
-from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of
+from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of, task_instruction
 from actors.row_timer import RowTimer
 from actors.tokens import fitted_size, letterbox_size, num_audio_tokens, num_image_tokens
 from schemas.job import JobConfig
@@ -162,11 +162,16 @@ class PreprocessRows:
         return out
 
     def _prepare_into(self, row: dict, out: dict) -> None:
-        cols, media_cfg, engine = self.columns, self.config.media, self.config.engine
-        image_items = as_items(row.get(cols.image)) if cols.image else []
-        audio_items = as_items(row.get(cols.audio)) if cols.audio else []
-        user_text = row.get(cols.prompt) if cols.prompt else None
-        self._check_row_shape(image_items, audio_items, user_text)
+        cols, media_cfg, engine, task = self.columns, self.config.media, self.config.engine, self.config.task
+        reads = task.reads if task else "any"  # a task reads only the media it asks about
+        image_items = as_items(row.get(cols.image)) if cols.image and reads != "audio" else []
+        audio_items = as_items(row.get(cols.audio)) if cols.audio and reads != "image" else []
+        user_text = row.get(cols.prompt) if cols.prompt and not task else None
+        instruction = None
+        if task:
+            self._check_task_media(image_items, audio_items)
+            instruction = task_instruction(task, row)  # before decoding: a missing cell costs nothing
+        self._check_row_shape(image_items, audio_items, instruction or user_text)
         reduce_to = self._fitted_size if media_cfg.fast_jpeg_decode else None
         images = [
             decode_image(
@@ -194,7 +199,7 @@ class PreprocessRows:
         ]
         modality = modality_of(len(images), len(audios))
         prompt = build_prompt(
-            instruction_for(user_text, modality, self.config.prompt),
+            instruction or instruction_for(user_text, modality, self.config.prompt),
             len(images),
             len(audios),
             self.config.prompt.system,
@@ -257,6 +262,16 @@ class PreprocessRows:
                 )
             out.append(letterbox(image, size))
         return out, "; ".join(notes) or None
+
+    def _check_task_media(self, image_items: list, audio_items: list) -> None:
+        task = self.config.task
+        if task.reads != "any" and not (image_items if task.reads == "image" else audio_items):
+            column = self.columns.image if task.reads == "image" else self.columns.audio
+            raise RowError(
+                ErrorCode.MISSING_INPUT,
+                f"the {task.preset} task reads the row's {task.reads} (column {column!r}), and it has none. "
+                f"Try giving the row an {task.reads}, or task.preset custom for mixed rows.",
+            )
 
     def _check_row_shape(self, image_items: list, audio_items: list, user_text) -> None:
         """What can be told before decoding anything: the prompt's type, an empty row, too many items."""

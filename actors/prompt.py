@@ -11,6 +11,8 @@ import re
 
 from schemas.job import PromptConfig
 from schemas.model import PHI4MM, Modality
+from schemas.rows import ErrorCode, RowError
+from schemas.task import TaskConfig
 
 _SPECIAL_LIKE = re.compile(r"<\|([^<>|]{0,64})\|>")
 
@@ -35,6 +37,28 @@ def instruction_for(user_text: str | None, modality: Modality, defaults: PromptC
     if user_text is not None and user_text.strip():
         return sanitize(user_text)
     return getattr(defaults, f"default_{modality}")
+
+
+def task_instruction(task: TaskConfig, row: dict) -> str:
+    """The task's instruction for a row: its template's ``{column}`` cells, defused, filled in. A null or
+    blank cell is the row's MISSING_INPUT, a cell that is not text or a number its INVALID_INPUT."""
+    cells = {}
+    for name in task.row_columns:
+        value = row.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise RowError(
+                ErrorCode.MISSING_INPUT,
+                f"column {name!r} is empty, and the {task.preset} task's instruction is made from it. "
+                "Try filling it in for this row.",
+            )
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise RowError(
+                ErrorCode.INVALID_INPUT,
+                f"column {name!r} holds {type(value).__name__}, not text, and the {task.preset} task's "
+                "instruction is made from it. Try a string column.",
+            )
+        cells[name] = sanitize(str(value))
+    return task.instruction(cells)
 
 
 def build_prompt(instruction: str, num_images: int, num_audios: int, system: str | None = None) -> str:

@@ -45,6 +45,7 @@ from pipelines.ids import IdColumn, array_batches, id_strings, partition
 from pipelines.storage import filesystem_for, is_object_store
 from schemas.errors import JobError
 from schemas.job import OutputConfig
+from schemas.output import OutputShape
 from schemas.rows import OUTPUT_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -321,18 +322,21 @@ def write_part_files(
     first_chunk: int = 0,
     into: str | None = None,
     lock_run_id: str | None = None,
+    shape: OutputShape | None = None,
 ) -> WriteStats:
     """Write a table as one or more part files, each made visible by an atomic move.
 
     ``into``: a subdirectory of the output to commit into (an overwrite's staging directory) instead of
     the output itself. ``lock_run_id``: check before each move that this run still holds the output's
-    lock (``pipelines.lock.assert_lock_held``). Part names number on from ``first_chunk``."""
+    lock (``pipelines.lock.assert_lock_held``). Part names number on from ``first_chunk``. ``shape``: the
+    job's output layout (renames; datasets metadata), applied after the counts are taken."""
     from pipelines.lock import assert_lock_held
 
     fs, root = _fs_and_path(uri)
     dest = f"{root}/{into}" if into else root
     table = table.cast(OUTPUT_SCHEMA)
     stats = WriteStats.of_table(table)
+    table = (shape or OutputShape()).apply(table)
     if is_object_store(fs):
         return _upload_part_files(fs, table, stats, dest, uri, run_id, task_idx, rows_per_file,
                                   first_chunk, lock_run_id)  # fmt: skip

@@ -21,6 +21,7 @@ from pipelines.spec import StageSpec, apply
 from pipelines.storage import filesystem_for, redact, use
 from pipelines.validate import JobPlan, check_input_columns, validate_job
 from schemas.job import JobConfig, pool_bounds
+from schemas.output import OutputShape
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,10 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     # the writer actor buffers rows across blocks (pipelines.writer).
     into = staging_name(run_id) if out.mode == "overwrite" else None
     try:
-        stats = write_stream(ds, out, run_id, into=into, lock_run_id=run_id, storage=config.storage)
+        stats = write_stream(
+            ds, out, run_id, into=into, lock_run_id=run_id, storage=config.storage,
+            shape=OutputShape(out.column_names),
+        )  # fmt: skip
         actors = ledger.actor_stats()
     finally:
         ledger.close()

@@ -195,6 +195,27 @@ def check_input_columns(config: JobConfig, schema: pa.Schema) -> None:
     for c in content:
         if c not in names:
             logger.info("input has no %r column; treating it as empty", c)
+    if config.task:
+        check_task_columns(config, names)
+
+
+def check_task_columns(config: JobConfig, names: set[str]) -> None:
+    """The columns the task reads: its media column configured and present, its template's columns present."""
+    task, cols = config.task, config.input.columns
+    if task.reads != "any":
+        column = getattr(cols, task.reads)
+        if not column or column not in names:
+            raise JobError(
+                f"task.preset {task.preset} reads the {task.reads} column, but input.columns.{task.reads} is "
+                f"{column!r} and the input's columns are {sorted(names)}. Try input.columns.{task.reads} with "
+                "the name your data uses."
+            )
+    if missing := [c for c in task.row_columns if c not in names]:
+        what = "task.question_column" if task.preset == "vqa" and not task.template else "task.template"
+        raise JobError(
+            f"{what} reads the input column(s) {missing}, which the input {config.input.path} lacks (columns: "
+            f"{sorted(names)}). Try the names your data uses."
+        )
 
 
 _CHECK_SCHEMA = pa.schema([("id", pa.string()), ("row", pa.int64())])  # row: position in the input

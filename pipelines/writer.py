@@ -29,6 +29,7 @@ import pyarrow as pa
 from pipelines.io import WriteStats, write_part_files
 from pipelines.storage import use
 from schemas.job import OutputConfig, StorageConfig
+from schemas.output import OutputShape
 
 WRITERS = 1  # writing a part takes milliseconds per thousand rows: one writer keeps up with any engine pool
 MAX_BLOCKS_IN_FLIGHT = 4  # blocks handed to the writer and not yet taken in: the driver waits beyond this
@@ -100,10 +101,11 @@ class PartWriter:
         into: str | None = None,
         lock_run_id: str | None = None,
         storage: StorageConfig | None = None,
+        shape: OutputShape | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.uri, self.run_id, self.index = uri, run_id, index
-        self.into, self.lock_run_id, self.storage = into, lock_run_id, storage
+        self.into, self.lock_run_id, self.storage, self.shape = into, lock_run_id, storage, shape
         self.buffer = PartBuffer(part_rows, max_wait_s)
         self.clock = clock
         self.stats = WriteStats()
@@ -137,6 +139,7 @@ class PartWriter:
             write_part_files(
                 part, self.uri, self.run_id, self.index, part.num_rows,
                 first_chunk=len(self.stats.files), into=self.into, lock_run_id=self.lock_run_id,
+                shape=self.shape,
             )
         )  # fmt: skip
 
@@ -186,6 +189,7 @@ def write_stream(
     into: str | None = None,
     lock_run_id: str | None = None,
     storage: StorageConfig | None = None,
+    shape: OutputShape | None = None,
 ) -> WriteStats:
     """Run the dataset to its end, its rows committed by the writer actor; returns what was committed.
     The driver holds block references and at most ``MAX_BLOCKS_IN_FLIGHT`` calls per writer, never rows."""
@@ -194,7 +198,7 @@ def write_stream(
     actor = ray.remote(WriterActor).options(num_cpus=0, max_restarts=0, max_task_retries=0)
     writers = [
         actor.remote(output.path, run_id, i, *part_policy(output),
-                     into=into, lock_run_id=lock_run_id, storage=storage)
+                     into=into, lock_run_id=lock_run_id, storage=storage, shape=shape)
         for i in range(WRITERS)
     ]  # fmt: skip
     try:

@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from schemas.errors import JobError
 from schemas.model import PHI4MM
+from schemas.rows import OUTPUT_SCHEMA
 from schemas.sampling import MaxTokens, RowSampling, Seed, StopStrings, Temperature, TopP
+from schemas.task import TaskConfig
 
 
 class _Strict(BaseModel):
@@ -212,6 +214,34 @@ class OutputConfig(_Strict):
             "lost on a kill, more and smaller files."
         ),
     )
+    column_names: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Output columns renamed, e.g. {text: caption}: any column of the output schema but id (resume "
+            "and the audit match rows by it). Keep the names across runs into one output."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_column_names(self) -> OutputConfig:
+        renamable = [n for n in OUTPUT_SCHEMA.names if n != "id"]
+        for old, new in self.column_names.items():
+            if old not in renamable:
+                raise ValueError(
+                    f"output.column_names: {old!r} is not an output column that can be renamed. Try one of "
+                    f"{', '.join(renamable)}."
+                )
+            if not new or new.startswith("_") or new != new.strip():
+                raise ValueError(
+                    f"output.column_names: {old} -> {new!r} is not a usable column name. Try a plain name "
+                    "such as caption."
+                )
+        final = [self.column_names.get(n, n) for n in OUTPUT_SCHEMA.names]
+        if clash := sorted({n for n in final if final.count(n) > 1}):
+            raise ValueError(
+                f"output.column_names gives two output columns the name {clash[0]!r}. Try another name."
+            )
+        return self
 
 
 class StorageConfig(_Strict):
@@ -541,6 +571,14 @@ class JobConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Actor pools.")
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Object store endpoint, region, timeouts and retries."
+    )
+    task: TaskConfig | None = Field(
+        None,
+        description=(
+            "A task preset (caption, transcribe, translate, summarize_audio, vqa, ocr) or a custom template "
+            "asked of every row instead of its prompt column (schemas/task.py); none: the prompt column and "
+            "prompt.default_*."
+        ),
     )
 
     @model_validator(mode="after")
