@@ -1,7 +1,7 @@
 """Entrypoint: run a phi4mm-batch job.
 
     python -m jobs.run --config FILE.yaml [--input PATH] [--output PATH] [--model PATH] [--limit N]
-        [--mode resume|overwrite|error] [--run-id ID]
+        [--mode resume|overwrite|error] [--run-id ID] [--set KEY=VALUE ...] [--dry-run [--tokens-per-s R]]
 
 Without a cluster it starts a local Ray; under ``ray job submit --working-dir . -- python -m jobs.run …``
 (or with RAY_ADDRESS set) it joins that cluster. Prints a summary and writes it beside the output as
@@ -9,6 +9,8 @@ Without a cluster it starts a local Ray; under ``ray job submit --working-dir . 
 included), 1 when the audit finds rows missing, duplicated or unexpected, 2 for a mistake in the job
 (config, input, model, output mode, an output another run is writing): one line on stderr, nothing
 changed, 3 when the run itself failed (a traceback; committed parts stay, ``--mode resume`` carries on).
+``--set engine.max_model_len=8192`` overrides any config key (validated like the file); ``--dry-run`` runs
+only the CPU stage, in this process, and prints what the run would do (``pipelines.dry_run``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from pipelines.lock import OutputLock
 from pipelines.validate import validate_job
 from schemas.errors import JobError
-from schemas.job import JobConfig
+from schemas.job import LOCAL_PATH_KEYS, JobConfig
 
 logger = logging.getLogger("phi4mm_batch")
 
@@ -67,7 +70,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--mode", choices=["resume", "overwrite", "error"], help="Override output.mode.")
     parser.add_argument("--run-id", help="Id for this run (default: time + random suffix).")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="Override a config key, e.g. engine.max_model_len=8192 or task.preset=caption; VALUE is read as "
+        "YAML ({a: 1}, [x, y], null). Repeatable; validated like the file; after the other options.",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="No engine, no Ray, nothing written: run the CPU stage over every row the run would process and "
+        "print rows by status and error code, prompt tokens by modality and an estimated GPU time.",
+    )
+    parser.add_argument(
+        "--tokens-per-s",
+        type=_positive,
+        help="--dry-run: tokens per second of one GPU engine (default: the committed H200 benchmark's).",
+    )
     return parser.parse_args(argv)
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not KEY=VALUE with a dotted key such as engine.max_model_len=8192"
+        )
+    try:
+        return key, yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the value is not YAML ({' '.join(str(e).split())})"
+        ) from None
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
 
 
 def load_config(args: argparse.Namespace) -> JobConfig:
@@ -82,6 +131,8 @@ def load_config(args: argparse.Namespace) -> JobConfig:
         overrides["input.limit"] = args.limit
     if args.mode:
         overrides["output.mode"] = args.mode
+    for key, value in args.sets:  # after the options above: the last word wins
+        overrides[key] = local(value) if key in LOCAL_PATH_KEYS and isinstance(value, str) else value
     return JobConfig.from_yaml(args.config, overrides)
 
 
@@ -149,11 +200,16 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def validation_lines(error: ValidationError, source: str) -> list[str]:
-    """pydantic's report condensed to one line per field: ``FILE: model.max_lora_rank: ...``."""
+def validation_lines(error: ValidationError, source: str, sets: list[tuple[str, object]] = ()) -> list[str]:
+    """pydantic's report condensed to one line per field: ``FILE: model.max_lora_rank: ...``, or
+    ``--set KEY=VALUE: ...`` when that override set the field (or a section above it)."""
     lines = []
     for e in error.errors():
         where = ".".join(str(p) for p in e["loc"])
+        given = [
+            f"--set {k}={v}" for k, v in sets if f"{where}.".startswith(f"{k}.") or k.startswith(f"{where}.")
+        ]
+        origin = given[-1] if given else source
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             message = "unknown key. Try the keys schemas/job.py describes (a typo?)"
@@ -163,7 +219,7 @@ def validation_lines(error: ValidationError, source: str) -> list[str]:
             given = e.get("input")
             shown = f" (got {given!r})" if isinstance(given, (str, int, float, bool)) or given is None else ""
             message = f"{message}{shown}. Try a value that fits (schemas/job.py describes each field)"
-        lines.append(error_line(f"{source}: {where + ': ' if where else ''}{message}"))
+        lines.append(error_line(f"{origin}: {where + ': ' if where else ''}{message}"))
     return lines
 
 
@@ -180,14 +236,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
         plan = validate_job(config, run_id)
-        lock = OutputLock(config.output.path, run_id).acquire()
+        lock = None if args.dry_run else OutputLock(config.output.path, run_id).acquire()
     except JobError as e:
         print(error_line(str(e)), file=sys.stderr)
         return EXIT_JOB_ERROR
     except ValidationError as e:
-        print("\n".join(validation_lines(e, args.config)), file=sys.stderr)
+        print("\n".join(validation_lines(e, args.config, args.sets)), file=sys.stderr)
         return EXIT_JOB_ERROR
     logging.getLogger().setLevel(logging.INFO)
+    if args.dry_run:  # no lock, no Ray, nothing written
+        from pipelines.dry_run import dry_run, format_dry_run
+
+        report = dry_run(config, plan, args.tokens_per_s)
+        print(format_dry_run(report))
+        print("DRY_RUN_JSON " + json.dumps(report))
+        return 0
     try:
         init_ray()
         from pipelines.phi4mm import run_pipeline

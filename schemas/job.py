@@ -17,6 +17,9 @@ from schemas.rows import OUTPUT_SCHEMA
 from schemas.sampling import MaxTokens, RowSampling, Seed, StopStrings, Temperature, TopP
 from schemas.task import TaskConfig
 
+# Config keys holding a local path, resolved against the YAML's directory (CLI values: the current one).
+LOCAL_PATH_KEYS = ("input.path", "output.path", "model.path", "input.media_root", "engine.compile_cache_dir")
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -634,13 +637,7 @@ class JobConfig(_Strict):
         naming the file and line); a mapping that is not a valid config raises pydantic's ValidationError.
         """
         raw = _read_yaml_mapping(Path(path))
-        for section, key in (
-            ("input", "path"),
-            ("output", "path"),
-            ("model", "path"),
-            ("input", "media_root"),
-            ("engine", "compile_cache_dir"),
-        ):
+        for section, key in (k.split(".") for k in LOCAL_PATH_KEYS):
             node = raw.get(section)
             value = node.get(key) if isinstance(node, dict) else None  # a non-mapping: pydantic says so
             if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():

@@ -1,0 +1,153 @@
+"""``jobs.run --dry-run``: what a run would do, without an engine, a GPU or Ray.
+
+    report = dry_run(config, plan)
+
+Runs the CPU stage (``actors.preprocess.PreprocessRows``) in this process over every row the run would
+process (resume's done rows and a --limit applied as the run applies them), and reports the rows by
+status and error code, the prompt tokens by modality, and an estimated GPU time: prompt tokens plus at
+most each row's max_tokens, at a tokens-per-second rate. The default rate comes from the committed H200
+benchmark (``bench/results/gpu-cuda-h200.json``, the pipeline's steady state: ``default_rate``). Nothing
+is written and the output's lock is not taken.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.io import committed_ids
+from pipelines.storage import redact
+from pipelines.validate import JobPlan
+from schemas.job import JobConfig, pool_bounds
+from schemas.rows import Status
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu-cuda-h200.json"
+MODALITIES = ("text", "image", "audio", "image_audio")
+
+
+def default_rate(path: Path = BENCHMARK) -> tuple[float, str] | None:
+    """Tokens per second of one GPU engine, prompt and completion together, in the pipeline's steady
+    state on the committed benchmark run, and where that figure comes from; None without the file."""
+    try:
+        result = json.loads(path.read_text())
+        figures = result["figures"]
+        tokens = figures["pipeline.prompt_tokens"] + figures["pipeline.completion_tokens"]
+        rate = figures["pipeline.steady.rows_per_s"] * tokens / figures["pipeline.rows"]
+    except (OSError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    device = str(result.get("device", "GPU")).split(" (")[0].split(": ")[-1]
+    return rate, f"{path.name}: {device}, pipeline steady state"
+
+
+def _modality(num_images: int, num_audios: int) -> str:
+    return MODALITIES[(1 if num_images else 0) + (2 if num_audios else 0)]
+
+
+def _batches(config: JobConfig, plan: JobPlan, done_ids: pa.Array):
+    """The rows the run would process, in input order, in CPU-stage batches."""
+    from pipelines.phi4mm import _select_rows
+
+    fs = plan.input_ids.fs
+    size = config.resources.preprocess.batch_size
+    keep = None
+    if plan.run_ids is not None:
+        keep = plan.run_ids.filter(pc.invert(pc.is_in(plan.run_ids, value_set=done_ids)))
+    for path in plan.files:
+        with pq.ParquetFile(path, filesystem=fs) as f:
+            for batch in f.iter_batches(batch_size=size):
+                table = _select_rows(pa.Table.from_batches([batch]), config.input.columns.id, done_ids, keep)
+                if table.num_rows:
+                    yield table
+
+
+def dry_run(config: JobConfig, plan: JobPlan, tokens_per_s: float | None = None) -> dict:
+    """The dry run's report (see the module doc); ``tokens_per_s`` overrides the benchmark's rate."""
+    from actors.preprocess import PreprocessRows
+
+    started = time.perf_counter()
+    done = committed_ids(config.output.path) if config.output.mode == "resume" else pa.array([], pa.string())
+    stage = PreprocessRows(config)
+    status, codes = Counter(), Counter()
+    rows_by, tokens_by = Counter(), Counter()
+    completion = 0
+    for table in _batches(config, plan, done):
+        for row in (
+            stage(table)
+            .select(
+                [
+                    "status",
+                    "error_code",
+                    "num_images",
+                    "num_audios",
+                    "prompt_tokens",
+                    "max_tokens",
+                    "audio_chunks",
+                ]
+            )
+            .to_pylist()
+        ):
+            status[row["status"]] += 1
+            if row["status"] != Status.OK.value:
+                codes[row["error_code"]] += 1
+                continue
+            modality = _modality(row["num_images"], row["num_audios"])
+            rows_by[modality] += 1
+            tokens_by[modality] += row["prompt_tokens"]
+            completion += (row["max_tokens"] or config.sampling.max_tokens) * (row["audio_chunks"] or 1)
+    rate, source = (tokens_per_s, "--tokens-per-s") if tokens_per_s else (default_rate() or (None, None))
+    total = sum(tokens_by.values()) + completion
+    engines = pool_bounds(config.resources.generate.concurrency)[1]
+    return {
+        "input": redact(config.input.path),
+        "output": redact(config.output.path),
+        "rows": sum(status.values()),
+        "rows_skipped_already_done": len(done),
+        "status": dict(status),
+        "error_codes": dict(sorted(codes.items())),
+        "ok_rows_by_modality": {m: rows_by[m] for m in MODALITIES if rows_by[m]},
+        "prompt_tokens_by_modality": {m: tokens_by[m] for m in MODALITIES if rows_by[m]},
+        "completion_tokens_at_most": completion,
+        "tokens_per_s_per_gpu": round(rate, 1) if rate else None,
+        "rate_source": source,
+        "gpu_s": round(total / rate, 1) if rate else None,
+        "gpu_actors": engines,
+        "wall_s_at_gpu_actors": round(total / rate / engines, 1) if rate else None,
+        "dry_run_s": round(time.perf_counter() - started, 2),
+    }
+
+
+def format_dry_run(report: dict) -> str:
+    status = report["status"]
+    lines = [
+        "",
+        "phi4mm-batch dry run (no engine; nothing written)",
+        f"  input            {report['input']}",
+        f"  rows             {report['rows']}  (ok {status.get('ok', 0)}, error {status.get('error', 0)})",
+    ]
+    if report["rows_skipped_already_done"]:
+        lines.append(
+            f"  rows skipped     {report['rows_skipped_already_done']} already in the output (resume)"
+        )
+    lines += [f"    {code:<28} {n}" for code, n in report["error_codes"].items()]
+    lines.append("  prompt tokens by modality (ok rows)")
+    for modality, tokens in report["prompt_tokens_by_modality"].items():
+        rows = report["ok_rows_by_modality"][modality]
+        lines.append(f"    {modality:<12} {rows:>8} rows {tokens:>12} tokens ({tokens / rows:.0f} per row)")
+    lines.append(
+        f"  completion       at most {report['completion_tokens_at_most']} tokens (max_tokens per row)"
+    )
+    if report["gpu_s"] is None:
+        lines.append("  GPU time         unknown: no benchmark figures. Try --tokens-per-s RATE.")
+    else:
+        lines.append(
+            f"  GPU time         about {report['gpu_s']:.0f} GPU-s at {report['tokens_per_s_per_gpu']:.0f} tokens/s "
+            f"per GPU ({report['rate_source']}); {report['wall_s_at_gpu_actors']:.0f} s on "
+            f"{report['gpu_actors']} GPU actor(s), plus engine start"
+        )
+    return "\n".join(lines)
