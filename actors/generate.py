@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import threading
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +21,7 @@ from actors.chunks import stitch_texts
 from actors.engines import build_engine
 from actors.engines.contract import EngineFactory, EngineRequest, EngineResult
 from schemas.job import JobConfig
+from schemas.output import carried_names
 from schemas.rows import OUTPUT_SCHEMA, ErrorCode, Status, output_row_from_prepared
 
 
@@ -30,6 +33,22 @@ def run_init_hook(spec: str | None) -> None:
     if not func:
         raise ValueError(f"engine.init_hook {spec!r} must look like 'package.module:function'.")
     getattr(importlib.import_module(module), func)()
+
+
+def device_info() -> dict:
+    """Where this GPU actor runs, for the run's provenance: its host and accelerator."""
+    import platform
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "host": socket.gethostname(),
+        "machine": platform.machine(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device_count": torch.cuda.device_count() if cuda else 0,
+        "cuda": torch.version.cuda if cuda else None,
+    }
 
 
 # the large binary field of each media struct (schemas.rows.PREPARED_IMAGE / PREPARED_AUDIO)
@@ -102,9 +121,13 @@ class GenerateRows:
         self.ledger = ledger or LocalAttemptLedger()
         self.actor_key = f"{socket.gethostname()}:{os.getpid()}"
         self.engine = engine_factory(config)
+        self._done_lock = threading.Lock()
+        self.done = {"rows": 0, "ok": 0, "error_codes": Counter(), "prompt_tokens": 0, "completion_tokens": 0}
+        self.ledger.report("device", self.actor_key, device_info())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        prepared = prepared_rows(batch)
+        carried = carried_names(batch)  # input columns the output carries: passed on as they are
+        prepared = prepared_rows(batch.drop_columns(carried))
         rows = [output_row_from_prepared(p, self.config.model_name, self.run_id) for p in prepared]
         todo = [i for i, p in enumerate(prepared) if p["status"] == Status.OK.value]
         attempts = self.ledger.attempts([prepared[i]["id"] for i in todo])
@@ -127,7 +150,24 @@ class GenerateRows:
         if normal:
             self._run(normal, prepared, rows, alone=False)
         self.ledger.report("generate", self.actor_key, self.engine.stats())
-        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+        self._count(rows)
+        out = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+        for name in carried:
+            out = out.append_column(name, batch.column(name))
+        return out
+
+    def _count(self, rows: list[dict]) -> None:
+        """This actor's rows so far, for the run's progress (``pipelines.progress``): rows, ok, error codes,
+        tokens. A batch counts once it is answered; a batch a crashed actor held counts when retried."""
+        with self._done_lock:  # concurrent batches run in threads of this actor
+            done = self.done
+            done["rows"] += len(rows)
+            done["ok"] += sum(r["status"] == Status.OK.value for r in rows)
+            done["error_codes"].update(r["error_code"] for r in rows if r["status"] != Status.OK.value)
+            done["prompt_tokens"] += sum(r["prompt_tokens"] or 0 for r in rows)
+            done["completion_tokens"] += sum(r["completion_tokens"] or 0 for r in rows)
+            report = {**done, "error_codes": dict(done["error_codes"])}
+        self.ledger.report("progress", self.actor_key, report)
 
     def _run(self, indices: list[int], prepared: list[dict], rows: list[dict], alone: bool) -> None:
         # once per id: rows sharing an id (duplicates in the input) count one crash once, not once each

@@ -43,6 +43,7 @@ from actors.row_timer import RowTimer
 from actors.tokens import fitted_size, letterbox_size, num_audio_tokens, num_image_tokens
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
+from schemas.output import carry
 from schemas.rows import PREPARED_SCHEMA, ErrorCode, RowError, Status, empty_prepared_row
 from schemas.sampling import RowSampling
 
@@ -122,7 +123,9 @@ class PreprocessRows:
             rows = [self.timer.run(self.prepare, row, row.get(self.columns.id)) for row in pylist]
         finally:
             self.source.fetcher.forget()
-        out = pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
+        out = carry(
+            batch, pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA), self.config.output.carry_columns
+        )
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         self.stats["busy_s"] += time.perf_counter() - started

@@ -193,6 +193,14 @@ def format_summary(summary: dict) -> str:
         f"{audit['missing_ids']} missing, {audit['duplicate_ids']} duplicated"
         + (f", {unexpected} not in the input" if unexpected else ""),
     ]
+    if prov := summary.get("provenance"):
+        v = prov["versions"]
+        lines.append(
+            f"  provenance       config {prov['config_sha256'][:12]}, vLLM {v['vllm']}, Ray {v['ray']}, torch "
+            f"{v['torch']}, transformers {v['transformers']}; on {', '.join(prov['devices']) or 'no GPU actor'}"
+        )
+    if summary.get("progress_plot"):
+        lines.append(f"  rates plot       {summary['progress_plot']} beside the output")
     if not summary.get("committed", True):
         lines.append(
             "  output           NOT replaced: the overwrite failed its audit; the old output is unchanged"

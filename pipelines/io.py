@@ -46,7 +46,6 @@ from pipelines.storage import filesystem_for, is_object_store
 from schemas.errors import JobError
 from schemas.job import OutputConfig
 from schemas.output import OutputShape
-from schemas.rows import OUTPUT_SCHEMA
 
 logger = logging.getLogger(__name__)
 
@@ -334,9 +333,8 @@ def write_part_files(
 
     fs, root = _fs_and_path(uri)
     dest = f"{root}/{into}" if into else root
-    table = table.cast(OUTPUT_SCHEMA)
     stats = WriteStats.of_table(table)
-    table = (shape or OutputShape()).apply(table)
+    table = (shape or OutputShape()).apply(table)  # OUTPUT_SCHEMA's columns cast, carried ones appended
     if is_object_store(fs):
         return _upload_part_files(fs, table, stats, dest, uri, run_id, task_idx, rows_per_file,
                                   first_chunk, lock_run_id)  # fmt: skip
@@ -410,8 +408,12 @@ def write_in_parts(
     return writer.close()
 
 
-def write_manifest(uri: str, run_id: str, summary: dict) -> None:
+def write_manifest(uri: str, run_id: str, summary: dict, plot_png: bytes | None = None) -> None:
+    """``_run-<run_id>.json`` beside the output, written last (its appearance says the run is over); the
+    run's rate plot ``_run-<run_id>.png`` just before it."""
     fs, root = _fs_and_path(uri)
+    if plot_png is not None:
+        _write_atomically(fs, root, f"_run-{run_id}.png", plot_png)
     _write_atomically(fs, root, f"_run-{run_id}.json", json.dumps(summary, indent=1, default=str).encode())
 
 

@@ -8,6 +8,7 @@ Stages are the plain classes in ``actors``; this module only decides how Ray sch
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -17,6 +18,9 @@ import pyarrow.compute as pc
 from pipelines.ids import count_in
 from pipelines.io import audit, commit_run, id_strings, prepare_output, staging_name, write_manifest
 from pipelines.lock import OutputLock
+from pipelines.progress import ProgressMonitor
+from pipelines.progress_plot import progress_png
+from pipelines.provenance import provenance
 from pipelines.spec import StageSpec, apply
 from pipelines.storage import filesystem_for, redact, use
 from pipelines.validate import JobPlan, check_input_columns, validate_job
@@ -124,6 +128,13 @@ def read_input(config: JobConfig, done_ids: pa.Array, keep_ids: pa.Array | None 
     return ds.repartition(target_num_rows_per_block=config.resources.preprocess.batch_size)
 
 
+def output_shape(config: JobConfig, plan: JobPlan) -> OutputShape:
+    """The output's layout: renames, carried input columns with their datasets features."""
+    cols = config.input.columns
+    media = {name: kind for name, kind in ((cols.image, "Image"), (cols.audio, "Audio")) if name}
+    return OutputShape.of(config.output.column_names, config.output.carry_columns, plan.schema, media)
+
+
 def parts_summary(names: list[str], shown: int = 3) -> dict[str, Any]:
     """The run's committed parts as the summary gives them: how many, the first and last few names (the
     run's commit marker ``_committed-<run>.json`` names them all)."""
@@ -168,6 +179,13 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
 
     ledger = RayAttemptLedger(run_id).create()  # outlives GPU actors that crash
     ds = apply(ds, build_stages(config, run_id, ledger))
+    total = len(keep_ids) if keep_ids is not None else plan.input_rows - skipped
+    monitor = ProgressMonitor(
+        lambda: ledger.actor_stats().get("progress", {}),
+        total,
+        every_s=config.progress.every_s,
+        log=not sys.stderr.isatty(),  # a terminal has Ray Data's progress bars
+    ).start()
     from pipelines.writer import write_stream
 
     # Parts of commit_every_rows rows (or commit_every_s seconds of rows) whatever the blocks' sizes:
@@ -176,10 +194,12 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     try:
         stats = write_stream(
             ds, out, run_id, into=into, lock_run_id=run_id, storage=config.storage,
-            shape=OutputShape(out.column_names),
+            shape=output_shape(config, plan),
         )  # fmt: skip
+        monitor.stop()  # its last sample: the final counts
         actors = ledger.actor_stats()
     finally:
+        monitor.stop()
         ledger.close()
     wall_s = time.perf_counter() - started
     # An overwrite is audited where it was staged and swapped in only when whole: otherwise the old
@@ -212,6 +232,13 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         "engines": actors.get("generate", {}),
         "cpu_actors": actors.get("preprocess", {}),
         "audit": {**check.__dict__, "ok": check.ok},
+        "provenance": provenance(config, actors.get("device", {})),
     }
-    write_manifest(out.path, run_id, summary)
+    plot = None
+    if config.progress.plot:
+        plot = progress_png(
+            monitor.samples, f"phi4mm-batch run {run_id}: {stats.rows} rows in {wall_s:.0f} s"
+        )
+        summary["progress_plot"] = f"_run-{run_id}.png"
+    write_manifest(out.path, run_id, summary, plot)
     return summary

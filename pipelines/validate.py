@@ -197,6 +197,11 @@ def check_input_columns(config: JobConfig, schema: pa.Schema) -> None:
             logger.info("input has no %r column; treating it as empty", c)
     if config.task:
         check_task_columns(config, names)
+    if missing := [c for c in config.output.carry_columns if c not in names]:
+        raise JobError(
+            f"output.carry_columns names {missing}, which the input {config.input.path} lacks (columns: "
+            f"{sorted(names)}). Try the names your data uses."
+        )
 
 
 def check_task_columns(config: JobConfig, names: set[str]) -> None:

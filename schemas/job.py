@@ -225,6 +225,16 @@ class OutputConfig(_Strict):
         ),
     )
 
+    carry_columns: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Input columns copied into the output unchanged, e.g. [image] or [audio_path]: the output then "
+            "reads as the input with its answers. Their datasets features are kept (a media column in "
+            "datasets' layout reads back as Image / Audio). Each must exist in the input and not share a "
+            "name with an output column."
+        ),
+    )
+
     @model_validator(mode="after")
     def _check_column_names(self) -> OutputConfig:
         renamable = [n for n in OUTPUT_SCHEMA.names if n != "id"]
@@ -244,6 +254,12 @@ class OutputConfig(_Strict):
             raise ValueError(
                 f"output.column_names gives two output columns the name {clash[0]!r}. Try another name."
             )
+        for name in self.carry_columns:
+            if name in final or self.carry_columns.count(name) > 1:
+                raise ValueError(
+                    f"output.carry_columns: {name!r} is already an output column name (or listed twice). Try "
+                    f"renaming the output's column with output.column_names, e.g. {{{name}: model_{name}}}."
+                )
         return self
 
 
@@ -561,6 +577,20 @@ class ResourcesConfig(_Strict):
     )
 
 
+class ProgressConfig(_Strict):
+    every_s: float = Field(
+        60.0,
+        ge=1.0,
+        description=(
+            "Seconds between progress log lines (rows done of total, rows/s, ETA, error counts), written when "
+            "stderr is not a terminal (ray job submit, cron); a terminal gets Ray Data's progress bars."
+        ),
+    )
+    plot: bool = Field(
+        True, description="Write _run-<run_id>.png beside the manifest: rows/s and tokens/s over the run."
+    )
+
+
 class JobConfig(_Strict):
     input: InputConfig = Field(description="What to read.")
     output: OutputConfig = Field(description="Where to write.")
@@ -574,6 +604,9 @@ class JobConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Actor pools.")
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Object store endpoint, region, timeouts and retries."
+    )
+    progress: ProgressConfig = Field(
+        default_factory=ProgressConfig, description="Progress log lines and the run's rate plot."
     )
     task: TaskConfig | None = Field(
         None,

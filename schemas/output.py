@@ -1,6 +1,6 @@
 """The output's layout as a job writes it: ``schemas.rows.OUTPUT_SCHEMA`` with the config's renames
-(``output.column_names``) and Hugging Face datasets metadata, so ``datasets.load_dataset("parquet", ...)``
-reads every column with its feature type.
+(``output.column_names``), the input columns it carries (``output.carry_columns``) and Hugging Face
+datasets metadata, so ``datasets.load_dataset("parquet", ...)`` reads every column with its feature type.
 
 The pipeline works in ``OUTPUT_SCHEMA`` throughout (the run's counts, resume and the audit read its
 names); ``OutputShape.apply`` is the last step before a part is written.
@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from schemas.rows import OUTPUT_SCHEMA
+from schemas.rows import MEDIA_STRUCT, OUTPUT_SCHEMA
 
 HF_METADATA_KEY = b"huggingface"  # where datasets keeps its features in a Parquet file's schema
+CARRY_PREFIX = "carry:"  # carried input columns between the stages: no clash with the stages' own columns
 
 # Arrow type -> datasets.Value dtype (the types OUTPUT_SCHEMA uses)
 _VALUE_DTYPES = {
@@ -39,12 +40,48 @@ def hf_feature(arrow_type: pa.DataType) -> dict:
     raise ValueError(f"no datasets feature for Arrow type {arrow_type}")
 
 
+def input_features(schema: pa.Schema) -> dict[str, dict]:
+    """The datasets features an input file's schema declares (Parquet written by datasets), or none."""
+    try:
+        return json.loads((schema.metadata or {})[HF_METADATA_KEY])["info"]["features"] or {}
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
+@dataclass(frozen=True)
+class Carried:
+    """An input column copied into the output (``output.carry_columns``), with its type and datasets
+    feature (None: datasets infers it from the Arrow type)."""
+
+    name: str
+    type: pa.DataType
+    feature: dict | None = None
+
+
 @dataclass(frozen=True)
 class OutputShape:
-    """Renames of output columns (``output.column_names``): what ``apply`` does to a table in
-    ``OUTPUT_SCHEMA`` before it is written."""
+    """What ``apply`` does to the last stage's rows (``OUTPUT_SCHEMA`` plus the carried input columns
+    under ``CARRY_PREFIX``) before they are written: renames (``output.column_names``), carried columns
+    under their own names, datasets metadata for every column."""
 
     column_names: dict[str, str] = field(default_factory=dict)
+    carried: tuple[Carried, ...] = ()
+
+    @classmethod
+    def of(
+        cls, column_names: dict[str, str], carry: list[str], input_schema: pa.Schema, media: dict
+    ) -> OutputShape:
+        """``media``: input column name -> "Image" / "Audio" for the job's media columns: a carried one in
+        datasets' struct<bytes, path> layout reads back as that feature when the input declares none."""
+        declared = input_features(input_schema)
+        carried = []
+        for name in carry:
+            arrow = input_schema.field(name).type
+            feature = declared.get(name)
+            if feature is None and arrow == MEDIA_STRUCT and name in media:
+                feature = {"_type": media[name]}
+            carried.append(Carried(name, arrow, feature))
+        return cls(dict(column_names), tuple(carried))
 
     def name(self, column: str) -> str:
         return self.column_names.get(column, column)
@@ -53,12 +90,35 @@ class OutputShape:
     def schema(self) -> pa.Schema:
         fields = [f.with_name(self.name(f.name)) for f in OUTPUT_SCHEMA]
         features = {f.name: hf_feature(f.type) for f in fields}
+        for c in self.carried:
+            fields.append(pa.field(c.name, c.type))
+            if c.feature is not None:
+                features[c.name] = c.feature
         hf = {"info": {"features": features}}
         return pa.schema(
             fields, metadata={**OUTPUT_SCHEMA.metadata, HF_METADATA_KEY: json.dumps(hf).encode()}
         )
 
     def apply(self, table: pa.Table) -> pa.Table:
-        """A table in ``OUTPUT_SCHEMA`` -> the table as written (renamed, with its metadata)."""
-        table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
-        return table.rename_columns([self.name(n) for n in OUTPUT_SCHEMA.names]).cast(self.schema)
+        """The last stage's rows -> the table as written (renamed, carried columns appended, metadata)."""
+        out = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+        out = out.rename_columns([self.name(n) for n in OUTPUT_SCHEMA.names])
+        for c in self.carried:
+            out = out.append_column(
+                pa.field(c.name, c.type), table.column(CARRY_PREFIX + c.name).cast(c.type)
+            )
+        return out.cast(self.schema)
+
+
+def carry(source: pa.Table, into: pa.Table, names: list[str]) -> pa.Table:
+    """``into`` (rows in ``source``'s order) with ``source``'s columns ``names`` appended under
+    ``CARRY_PREFIX``; a column ``source`` lacks (a file without it) is carried as nulls."""
+    for name in names:
+        column = source.column(name) if name in source.column_names else pa.nulls(source.num_rows)
+        into = into.append_column(CARRY_PREFIX + name, column)
+    return into
+
+
+def carried_names(table: pa.Table) -> list[str]:
+    """The carried columns' names in a stage's table, prefix and all."""
+    return [n for n in table.column_names if n.startswith(CARRY_PREFIX)]

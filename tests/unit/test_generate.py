@@ -162,7 +162,8 @@ class CrashLedger:
         self.inner.finish(ids)
 
     def report(self, stage, actor, stats):
-        self.stats = stats
+        if stage == "generate":  # the engine's figures (the stage also reports "progress" and "device")
+            self.stats = stats
 
 
 def test_suspects_run_alone_and_repeat_offenders_are_quarantined(tiny_model, tmp_path):

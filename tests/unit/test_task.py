@@ -11,7 +11,7 @@ from actors.preprocess import PreprocessRows
 from actors.prompt import task_instruction
 from pipelines.validate import check_input_columns
 from schemas.errors import JobError
-from schemas.output import HF_METADATA_KEY, OutputShape
+from schemas.output import HF_METADATA_KEY, OutputShape, carried_names, carry
 from schemas.rows import MEDIA_STRUCT, OUTPUT_SCHEMA, ErrorCode, RowError
 from schemas.task import PRESETS, TaskConfig, fill, placeholders
 from tests.helpers import MEDIA, make_config
@@ -131,3 +131,48 @@ def test_output_shape_renames_and_describes_every_column_for_datasets():
     assert list(features) == table.column_names
     assert features["caption"] == {"dtype": "string", "_type": "Value"}
     assert features["num_images"] == {"dtype": "int16", "_type": "Value"}
+
+
+def test_carried_columns_keep_their_type_and_datasets_feature():
+    declared = json.dumps(
+        {"info": {"features": {"photo": {"_type": "Image"}, "n": {"dtype": "int64", "_type": "Value"}}}}
+    )
+    schema = pa.schema([("photo", MEDIA_STRUCT), ("clip", MEDIA_STRUCT), ("n", pa.int64()), ("path", pa.string())],
+                       metadata={HF_METADATA_KEY: declared})  # fmt: skip
+    shape = OutputShape.of({"text": "caption"}, ["photo", "clip", "path"], schema, {"clip": "Audio"})
+    assert [(c.name, c.feature) for c in shape.carried] == [
+        ("photo", {"_type": "Image"}),  # as the input declares it
+        ("clip", {"_type": "Audio"}),  # the job's audio column in datasets' layout
+        ("path", None),  # inferred from its Arrow type by datasets
+    ]
+    row = {f.name: None for f in OUTPUT_SCHEMA} | {"id": "a", "status": "ok", "text": "x"}
+    stage = pa.Table.from_pylist([row], schema=OUTPUT_SCHEMA)
+    source = pa.table({"photo": pa.array([{"bytes": b"1", "path": "p.png"}], MEDIA_STRUCT),
+                       "clip": pa.array([None], MEDIA_STRUCT), "path": ["/d/p.png"]})  # fmt: skip
+    table = shape.apply(carry(source, stage, ["photo", "clip", "path"]))
+    assert table.column_names[-3:] == ["photo", "clip", "path"] and "carry:photo" not in table.column_names
+    assert table.column("photo").to_pylist() == [{"bytes": b"1", "path": "p.png"}]
+    features = json.loads(table.schema.metadata[HF_METADATA_KEY])["info"]["features"]
+    assert features["photo"] == {"_type": "Image"} and "path" not in features
+    assert carry(pa.table({"x": [1]}), pa.table({"y": [2]}), ["gone"]).column("carry:gone").null_count == 1
+
+
+def test_carried_columns_pass_both_stages_in_row_order(tiny_model, tmp_path):
+    from actors.attempts import LocalAttemptLedger
+    from actors.generate import GenerateRows
+    from tests.unit.test_generate import EchoEngine
+
+    config = make_config(
+        tiny_model, tmp_path, output={"path": str(tmp_path), "carry_columns": ["audio", "question"]}
+    )
+    prepared = PreprocessRows(config)(_rows())
+    assert carried_names(prepared) == ["carry:audio", "carry:question"]
+    out = GenerateRows(config, "r", engine_factory=EchoEngine, ledger=LocalAttemptLedger())(prepared)
+    assert out.column("carry:question").to_pylist() == [None, "Why?"]
+    assert out.column("carry:audio").to_pylist() == _rows().column("audio").to_pylist()
+    with pytest.raises(ValidationError, match="already an output column name"):
+        make_config(tiny_model, tmp_path, output={"path": str(tmp_path), "carry_columns": ["text"]})
+    with pytest.raises(JobError, match=r"carry_columns names \['nope'\].*Try"):
+        check_input_columns(
+            make_config(tiny_model, tmp_path, output={"path": "x", "carry_columns": ["nope"]}), _rows().schema
+        )
