@@ -17,7 +17,7 @@ venv: .venv/.ready
 # to torch+cpu and break `import vllm.multimodal.audio`; vLLM's CPU path does not need them.
 .venv/.ready: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q -e '.[cpu,test]'
+	$(PIP) install -q -e '.[cpu,transformers,test]'
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(PIP) install -q scipy
 	$(PY) -c "import vllm, vllm.multimodal.audio, ray; print('vllm', vllm.__version__, 'ray', ray.__version__)"

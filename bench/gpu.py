@@ -1,13 +1,16 @@
 """The pipeline against the plain vLLM script and the engine alone, on the same rows, engine and sampling.
 
     python -m bench.gpu [--rows N] [--profile cuda|cpu] [--modes plain,pipeline,engine] [--work DIR]
+    python -m bench.gpu --modes pipeline,pipeline-transformers   # vLLM against transformers, both pipelined
 
 One command on a GPU machine: builds a mixed dataset of distinct rows (``bench.dataset``: photos up to
 12 MP, 5-60 s speech in several formats, text, image+audio; no two rows share media bytes, so no cache
 flatters anyone) and a checkpoint (full-size Phi-4-mm architecture with random weights and adapters of
 the released shapes on ``cuda``, the tiny one on ``cpu``), then runs each side in a fresh process
 (``bench.gpu_run``): (a) the pipeline through ``jobs.run``, (b) the plain vLLM script a user would write,
-(c) the engine alone on inputs prepared beforehand. Meanwhile it samples the GPU (nvidia-smi), the
+(c) the engine alone on inputs prepared beforehand; and (d) ``pipeline-transformers``: the pipeline with
+``engine.backend: transformers`` on the same model in transformers' layout (``jobs.transformers_model``),
+to show what each engine costs. Meanwhile it samples the GPU (nvidia-smi), the
 host's CPU (/proc/stat) and memory. Reports rows/s and generated tokens/s end to end and in steady state
 (engine up to last row), engine start, the GPU's busy fraction after the engine is up, CPU cores used per
 GPU and peak memory; writes ``bench/results/gpu-<profile>-<host>.json`` and a PNG beside it.
@@ -121,13 +124,24 @@ def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 3) if values else None
 
 
-def build_inputs(profile: str, rows: int, work: Path, seed: int) -> tuple[Path, Path]:
-    """The dataset and checkpoint under ``work``, built once: later invocations (one side each) reuse them."""
+def build_inputs(
+    profile: str, rows: int, work: Path, seed: int, transformers: bool = False
+) -> tuple[Path, Path]:
+    """The dataset and checkpoint under ``work``, built once: later invocations (one side each) reuse them.
+    ``transformers``: also the same model in transformers' layout (``transformers_checkpoint``)."""
     from bench.dataset import build_dataset
 
     data, model = work / "data", work / f"model-{profile}"
     if not data.exists():
         build_dataset(data, rows=rows, seed=seed, mix=PROFILES[profile]["mix"])
+    hf_model = transformers_checkpoint(model)
+    if transformers and not (hf_model / "config.json").exists():
+        from jobs import transformers_model
+
+        if profile == "cuda":
+            transformers_model.write_full_size_transformers_checkpoint(hf_model)
+        else:
+            transformers_model.write_tiny_transformers_checkpoint(hf_model)
     if not (model / "config.json").exists():
         if profile == "cuda":
             from jobs.full_size_model import write_full_size_checkpoint
@@ -149,8 +163,15 @@ VARIANTS = {
     },
     # The pipeline without adapters on the same rows: what LoRA routing costs the pipeline.
     "pipeline-nolora": {"model": {"use_lora": False}},
+    # The pipeline with transformers' Phi4MultimodalForCausalLM instead of vLLM (same rows, sampling, LoRA).
+    "pipeline-transformers": {"engine": {"backend": "transformers"}},
 }
-SIDES = ["plain", "pipeline", "pipeline-shared", "pipeline-nolora", "engine"]
+SIDES = ["plain", "pipeline", "pipeline-shared", "pipeline-nolora", "pipeline-transformers", "engine"]
+
+
+def transformers_checkpoint(model: Path) -> Path:
+    """Where the transformers-layout copy of ``model`` lives (written by ``build_inputs``)."""
+    return model.with_name(f"{model.name}-transformers")
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -164,7 +185,8 @@ def write_config(profile: str, mode: str, data: Path, model: Path, work: Path) -
     job = merge(PROFILES[profile]["job"], VARIANTS.get(mode, {}))
     job["input"] = {"path": str(data)}
     job["output"] = {"path": str(work / f"out-{mode}"), "mode": "overwrite"}
-    job["model"]["path"] = str(model)
+    transformers = job["engine"].get("backend") == "transformers"
+    job["model"]["path"] = str(transformers_checkpoint(model) if transformers else model)
     if profile == "cuda":  # one cache root: the pipeline's and the engine side's compiled graphs are shared
         job["engine"]["compile_cache_dir"] = str(work / "compile-cache")
     path = work / f"config-{mode}.yaml"
@@ -235,6 +257,11 @@ def ratios(sides: dict) -> dict:
             out[f"pipeline_lora_over_nolora.{k}"] = round(
                 sides["pipeline"][k] / sides["pipeline-nolora"][k], 3
             )
+    if "pipeline" in sides and "pipeline-transformers" in sides:  # above 1: transformers is faster
+        p, t = sides["pipeline"], sides["pipeline-transformers"]
+        for k in ("rows_per_s", "steady.rows_per_s", "steady.gen_tok_per_s"):
+            out[f"transformers_over_vllm.{k}"] = round(t[k] / p[k], 3)
+        out["transformers_over_vllm.engine_up"] = round(p["engine_up_after_s"] / t["engine_up_after_s"], 3)
     for name in (s for s in sides if s.startswith("pipeline") and s != "pipeline-nolora"):
         p = sides[name]
         if "plain" in sides:
@@ -304,7 +331,10 @@ def main(argv=None) -> None:
     modes = [m for m in args.modes.split(",") if m]
     if modes:
         t = time.perf_counter()
-        data, model = build_inputs(profile, args.rows or spec["rows"], work, args.seed)
+        transformers = any(
+            VARIANTS.get(m, {}).get("engine", {}).get("backend") == "transformers" for m in modes
+        )
+        data, model = build_inputs(profile, args.rows or spec["rows"], work, args.seed, transformers)
         print(f"inputs ready in {time.perf_counter() - t:.0f} s: {data}, {model}", flush=True)
         monitor = Monitor(gpu=profile == "cuda")
         time.sleep(1.5)  # a few samples before the first side: its memory baseline

@@ -256,7 +256,7 @@ def _write_lora_weights(out: Path, spec: LoraSpec, seed: int) -> None:
     save_file(tensors, str(out / "adapter_model.safetensors"))
 
 
-def _write_adapter(out: Path, spec: LoraSpec, seed: int, weights: bool) -> None:
+def write_adapter(out: Path, spec: LoraSpec, seed: int, weights: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # PEFT's own serialisation (what the release was written with): sorted keys, indent 2, no final newline.
     (out / "adapter_config.json").write_text(json.dumps(spec.adapter_config(), indent=2, sort_keys=True))
@@ -275,5 +275,5 @@ def write_full_size_checkpoint(
     write_shared_files(out, dynamic_hd)
     (out / "config.json").write_text(json.dumps(model_config(), indent=2) + "\n")
     for seed, spec in enumerate((VISION_LORA, SPEECH_LORA), start=1):
-        _write_adapter(out / PHI4MM.adapter_dir(spec.adapter), spec, seed, lora_weights)
+        write_adapter(out / PHI4MM.adapter_dir(spec.adapter), spec, seed, lora_weights)
     return out

@@ -1,10 +1,14 @@
 """Write a tiny Phi-4-multimodal checkpoint in the original layout, for tests and the demo.
 
     python -m jobs.make_tiny_model OUT_DIR [--dynamic-hd N] [--lora-rank R]
+    python -m jobs.make_tiny_model OUT_DIR --layout transformers [--lora-rank R]
     python -m jobs.make_tiny_model OUT_DIR --full-size [--dynamic-hd N] [--no-lora-weights]
 
 ``--full-size`` writes the released model's architecture instead (``jobs/full_size_model.py``), for
 dummy-weight runs on a GPU; the tokenizer, processor config and remote code below are shared with it.
+``--layout transformers`` writes the same tiny language model, tokenizer and adapters in the layout of
+transformers' ``Phi4MultimodalForCausalLM`` (``jobs/transformers_model.py``, for
+``engine.backend: transformers``), with random weights saved.
 
 What it writes (no model weights: load it with vLLM's ``load_format="dummy"``):
 - ``config.json`` for vLLM's ``Phi4MMForCausalLM`` with a 2-layer, 64-wide language model and a 2-block
@@ -159,7 +163,7 @@ def _model_config() -> dict:
     }  # fmt: skip
 
 
-def _write_lora(out: Path, rank: int, seed: int) -> None:
+def write_lora(out: Path, rank: int, seed: int) -> None:
     """A PEFT adapter like the checkpoint's vision-lora/speech-lora, over the tiny LM's projections."""
     import torch
     from safetensors.torch import save_file
@@ -211,8 +215,8 @@ def write_tiny_checkpoint(out_dir: str | Path, dynamic_hd: int = 1, lora_rank: i
     out = Path(out_dir)
     write_shared_files(out, dynamic_hd)
     (out / "config.json").write_text(json.dumps(_model_config(), indent=1))
-    _write_lora(out / PHI4MM.vision_lora_dir, lora_rank, seed=1)
-    _write_lora(out / PHI4MM.speech_lora_dir, lora_rank, seed=2)
+    write_lora(out / PHI4MM.vision_lora_dir, lora_rank, seed=1)
+    write_lora(out / PHI4MM.speech_lora_dir, lora_rank, seed=2)
     return out
 
 
@@ -232,11 +236,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--lora-rank", type=int, default=None, help="Rank of the tiny model's LoRA adapters.")
     parser.add_argument(
+        "--layout",
+        choices=["original", "transformers"],
+        default="original",
+        help="original: vLLM's Phi4MMForCausalLM (no weights); transformers: Phi4MultimodalForCausalLM.",
+    )
+    parser.add_argument(
         "--no-lora-weights",
         action="store_true",
         help="--full-size only: write the adapters' adapter_config.json but not their ~1.6 GB of weights.",
     )
     args = parser.parse_args(argv)
+    if args.layout == "transformers":
+        if args.dynamic_hd is not None:
+            parser.error(
+                "--layout transformers has no processor config: dynamic_hd is the job's engine.dynamic_hd"
+            )
+        from jobs import transformers_model
+
+        if args.full_size:
+            out = transformers_model.write_full_size_transformers_checkpoint(
+                args.out_dir, not args.no_lora_weights
+            )
+        else:
+            rank = 8 if args.lora_rank is None else args.lora_rank
+            out = transformers_model.write_tiny_transformers_checkpoint(args.out_dir, rank)
+        print(f"wrote Phi-4-multimodal checkpoint (transformers layout) to {out}")
+        return
     if args.full_size:
         if args.lora_rank is not None:
             parser.error("--lora-rank is the tiny model's: the full-size adapters have the released ranks")

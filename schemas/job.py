@@ -462,6 +462,16 @@ class ModelConfig(_Strict):
 
 
 class EngineConfig(_Strict):
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm",
+        description=(
+            "Engine of the GPU actors, the module actors/engines/<backend>_engine.py: 'vllm' (the original "
+            "checkpoint layout; continuous batching) or 'transformers' (transformers' Phi4MultimodalForCausalLM "
+            "on a transformers-format checkpoint; batched generate per adapter). The vLLM-only settings "
+            "(gpu_memory_utilization, tensor_parallel_size, executor, enforce_eager, compile_cache_dir, "
+            "max_num_batched_tokens) do not apply to 'transformers'."
+        ),
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Model dtype.")
     max_model_len: int = Field(
         4096, ge=64, description="Context length: prompt tokens + max_tokens must fit."

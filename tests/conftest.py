@@ -20,6 +20,14 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_transformers_model(tmp_path_factory) -> str:
+    """The same tiny model in transformers' layout (engine.backend: transformers), random weights saved."""
+    from jobs.transformers_model import write_tiny_transformers_checkpoint
+
+    return str(write_tiny_transformers_checkpoint(tmp_path_factory.mktemp("tiny-phi4mm-transformers")))
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
     from transformers import AutoTokenizer
 

@@ -42,6 +42,18 @@ def make_config(tiny_model: str, tmp_path: Path, **sections):
     return JobConfig.model_validate(raw)
 
 
+def media_table(rows: list[dict]):
+    """Input rows of columns id, image, audio (media structs) and prompt as an Arrow table."""
+    import pyarrow as pa
+
+    from schemas.rows import MEDIA_STRUCT
+
+    schema = pa.schema(
+        [("id", pa.string()), ("image", MEDIA_STRUCT), ("audio", MEDIA_STRUCT), ("prompt", pa.string())]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
 def assert_adapters_apply_per_row_in_shared_steps(engine, max_steps: int) -> None:
     """Base, vision and speech rows give three different answers, and the same rows mixed in one batch
     give each its own answer again while sharing engine steps: at most ``max_steps`` for the batch (run

@@ -4,9 +4,11 @@
 - ``vllm_engine``: vLLM (``vllm_phi4mm``: its Phi4MM taking prepared media, registered by the vLLM
   general plugin ``vllm_plugin``; ``vllm_cpu_lora``: its CPU LoRA ops fixed; ``vllm_loop``: the
   continuous-batching loop).
+- ``transformers_engine``: transformers' Phi4MultimodalForCausalLM with PEFT adapters, batched generate.
 
 A backend is the module ``actors.engines.<backend>_engine`` with a class ``Engine(config)`` that meets
-the ``Engine`` protocol. Importing this package is cheap: a backend is imported when an engine is built.
+the ``Engine`` protocol, chosen by ``engine.backend`` (``schemas.job.EngineConfig``). Importing this
+package is cheap: a backend is imported when an engine is built.
 """
 
 from __future__ import annotations
@@ -24,4 +26,4 @@ def engine_class(backend: str) -> type:
 
 def build_engine(config: JobConfig) -> Engine:
     """The job's engine, started (in the GPU actor)."""
-    return engine_class("vllm")(config)
+    return engine_class(config.engine.backend)(config)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.job import JobConfig, SamplingConfig
-from schemas.model import Adapter
+from schemas.model import PHI4MM, Adapter
 from schemas.sampling import RowSampling
 
 
@@ -102,6 +102,17 @@ class Engine(Protocol):
     def stats(self) -> dict[str, Any]:
         """Figures for the run summary's ``engines``: at least startup_s, ready_at, requests, busy_s."""
         ...
+
+
+def warm_up(engine: Engine) -> None:
+    """One short request before an engine takes rows, so the first batch does not pay for lazy setup."""
+    warm = EngineRequest(
+        prompt=f"{PHI4MM.user_tag}hello{PHI4MM.end_tag}{PHI4MM.assistant_tag}",
+        sampling=RowSampling(max_tokens=1),
+    )
+    (result,) = engine.generate([warm])
+    if result.error:
+        raise RuntimeError(f"engine warm-up failed: {result.error}")
 
 
 # Builds a job's engine in the GPU actor: ``actors.engines.build_engine``, or a stand-in in unit tests.

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.engines.contract import EngineRequest, EngineResult, effective_sampling
+from actors.engines.contract import EngineRequest, EngineResult, effective_sampling, warm_up
 from actors.engines.vllm_loop import EngineLoop, LoopStats
 from actors.engines.vllm_plugin import PREPARED_ARCHITECTURE, register
 from actors.features import MASK_SIDE
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
-from schemas.sampling import RowSampling
 
 logger = logging.getLogger(__name__)
 
@@ -133,23 +132,13 @@ class Engine:
                 path = str(Path(config.model.path) / PHI4MM.adapter_dir(adapter))
                 self.lora_requests[adapter] = LoRARequest(f"phi4mm-{adapter}", lora_id, path)
         self.loop = EngineLoop(self.llm.llm_engine)
-        self._warm_up()
+        warm_up(self)
         # The run summary's counts are the rows' requests and steps: the warm-up's would make a 2,000-row
         # run read 2,001 requests. The loop is idle now (the warm-up's one request has come back).
         self.loop.stats = LoopStats()
         self.startup_s = time.perf_counter() - started
         self.ready_at = time.time()  # wall clock, so a run can tell when its engines came up
         logger.info("vLLM engine ready in %.1f s", self.startup_s)
-
-    def _warm_up(self) -> None:
-        """One short request before taking rows, so the first batch does not pay for lazy setup."""
-        warm = EngineRequest(
-            prompt=f"{PHI4MM.user_tag}hello{PHI4MM.end_tag}{PHI4MM.assistant_tag}",
-            sampling=RowSampling(max_tokens=1),
-        )
-        (result,) = self.generate([warm])
-        if result.error:
-            raise RuntimeError(f"engine warm-up failed: {result.error}")
 
     def _sampling_params(self, request: EngineRequest):
         from vllm import SamplingParams

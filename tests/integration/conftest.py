@@ -24,3 +24,16 @@ def local_ray():
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", params=["vllm", "transformers"])
+def backend(request) -> tuple[str, dict]:
+    """Each engine backend on its tiny checkpoint: ``(model path, config sections for make_config)``. A
+    module whose tests take it runs them once per backend (vLLM with the SigLIP tower shrunk; the
+    transformers checkpoint's own towers are tiny)."""
+    if request.param == "vllm":
+        return request.getfixturevalue("tiny_model"), {
+            "engine": {"init_hook": "jobs.tiny_vision:shrink_siglip"}
+        }
+    model = request.getfixturevalue("tiny_transformers_model")
+    return model, {"engine": {"backend": "transformers"}, "model": {"load_format": "auto"}}

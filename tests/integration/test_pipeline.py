@@ -1,5 +1,6 @@
-"""The whole pipeline on a local Ray with the real vLLM CPU engine (SigLIP shrunk for speed):
-one output row per input row, error rows with stable codes, adapters, exact prompt tokens, resume."""
+"""The whole pipeline on a local Ray with each real engine on the CPU (vLLM with SigLIP shrunk for speed,
+and transformers): one output row per input row, error rows with stable codes, adapters, exact prompt
+tokens, resume."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,9 +29,10 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def config(tiny_model, dataset, tmp_path_factory):
+def config(backend, dataset, tmp_path_factory):
+    model, sections = backend
     return make_config(
-        tiny_model,
+        model,
         tmp_path_factory.mktemp("run"),
         input={"path": str(dataset), "media_root": str(MEDIA)},
         output={
@@ -39,7 +41,7 @@ def config(tiny_model, dataset, tmp_path_factory):
             "rows_per_file": 5,
             "commit_every_s": 3600,
         },  # parts by rows only, however slowly the machine runs
-        engine={"init_hook": "jobs.tiny_vision:shrink_siglip"},
+        **sections,
     )
 
 
@@ -88,7 +90,7 @@ def test_statuses_codes_and_adapters(first_run, config):
     assert all(r["model"] == config.model_name and r["run_id"] == "first" for r in rows.values())
 
 
-def test_prompt_tokens_are_vllms_and_match_the_cpu_stage(first_run, config, dataset):
+def test_prompt_tokens_are_the_engines_and_match_the_cpu_stage(first_run, config, dataset):
     expected = {
         r["id"]: r["prompt_tokens"] for r in PreprocessRows(config)(pq.read_table(dataset)).to_pylist()
     }

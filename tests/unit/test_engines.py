@@ -1,6 +1,7 @@
 """The engine contract (actors.engines.contract) and the home of the engines, without an engine."""
 
 import importlib
+import json
 import re
 
 import pytest
@@ -57,3 +58,57 @@ def test_row_and_job_sampling_share_their_bounds(bad):
     if bad != {"stop": []}:  # the job may have no stop strings; a row's column gives at least one
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+
+
+def test_every_configured_backend_is_a_module_with_an_engine_class():
+    """Adding an engine is one module (actors/engines/<backend>_engine.py) and one config value."""
+    from typing import get_args
+
+    from actors.engines import engine_class
+    from schemas.job import EngineConfig
+
+    backends = get_args(EngineConfig.model_fields["backend"].annotation)
+    assert set(backends) == {"vllm", "transformers"}
+    for backend in backends:
+        cls = engine_class(backend)
+        assert callable(cls.generate) and callable(cls.stats)
+    with pytest.raises(ValueError, match="backend"):
+        EngineConfig(backend="sglang")
+
+
+def test_the_transformers_checkpoints_language_model_is_the_original_layouts():
+    """The tiny checkpoints of both layouts have the same language model shapes, so weights can be shared
+    (tests/integration/test_backend_parity.py)."""
+    from transformers import Phi4MultimodalConfig
+
+    from jobs import make_tiny_model
+    from jobs.transformers_model import model_config
+
+    ours, original = Phi4MultimodalConfig(**model_config()), make_tiny_model._model_config()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings"):  # fmt: skip
+        assert getattr(ours, key) == original[key], key
+    assert ours.vision_config.image_size == ours.vision_config.crop_size == 448  # the CPU stage's crops
+    assert ours.rope_parameters["rope_theta"] == original["rope_theta"]
+
+
+def test_the_full_size_transformers_checkpoint_is_the_released_architecture(tmp_path):
+    """bench/gpu.py's transformers side runs the same released model as its vLLM sides."""
+    from transformers import Phi4MultimodalConfig
+
+    from jobs.full_size_model import SPEECH_LORA, released_config
+    from jobs.transformers_model import LORA_TARGETS, write_full_size_transformers_checkpoint
+
+    out = write_full_size_transformers_checkpoint(tmp_path / "m", lora_weights=False)
+    config, released = Phi4MultimodalConfig.from_pretrained(out), released_config()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "original_max_position_embeddings", "tie_word_embeddings"):  # fmt: skip
+        assert getattr(config, key) == released[key], key
+    assert config.rope_parameters["long_factor"] == released["rope_scaling"]["long_factor"]
+    assert config.rope_parameters["partial_rotary_factor"] == released["partial_rotary_factor"]
+    assert (config.vision_config.hidden_size, config.audio_config.num_blocks) == (
+        1152,
+        24,
+    )  # so400m, conformer
+    speech = json.loads((out / "speech-lora" / "adapter_config.json").read_text())
+    assert (speech["r"], speech["target_modules"]) == (SPEECH_LORA.r, LORA_TARGETS)
