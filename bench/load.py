@@ -107,7 +107,7 @@ def run(rows: int, work: Path, model: Path) -> dict:
     job["model"] = {**JOB["model"], "path": str(model)}
     config = work / f"load-{rows}.yaml"
     config.write_text(yaml.safe_dump(job))
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     driver = subprocess.Popen([sys.executable, "-m", "jobs.run", "--config", str(config)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     samples: list = []
@@ -124,7 +124,35 @@ def run(rows: int, work: Path, model: Path) -> dict:
     figures = memory_figures(samples)
     figures["wall_s"] = round(time.perf_counter() - started, 1)
     figures["rows_per_s"] = round(rows / figures["wall_s"], 2)
+    summary = json.loads(output.split("SUMMARY_JSON ", 1)[1].splitlines()[0])
+    figures["parts"] = summary["parts"]["count"]  # part files the run committed
+    figures.update(phase_figures(samples, started_at, output))
     return figures
+
+
+def phase_figures(samples: list, started_at: float, log: str) -> dict:
+    """The driver's peak private memory (MiB) up to the moment the CPU stage's actor was last seen (the
+    input read and prepared; what the GPU stage has not taken yet is queued), up to the end of the
+    stream (Ray Data's "execution finished" log line), and after it (the audit)."""
+    driver = [(t, p) for t, kind, _, _, p in samples if kind == "driver"]
+    cpu_done = max((t for t, kind, *_ in samples if kind == "cpu actor"), default=0.0)
+    finished = [line for line in log.splitlines() if "execution finished" in line]
+    end = driver[-1][0]
+    if finished:  # "2026-12-02 01:29:22,209	INFO streaming_executor.py:... execution finished"
+        stamp = time.mktime(time.strptime(finished[-1][:19], "%Y-%m-%d %H:%M:%S"))
+        end = stamp + int(finished[-1][20:23]) / 1000 - started_at
+
+    def at(t: float) -> int:
+        return round(max((p for s, p in driver if s <= t), default=0) / 2**20)
+
+    after = [p for s, p in driver if s > end]
+    return {
+        "driver.private_mib_cpu_stage_done": at(cpu_done),
+        "driver.private_mib_stream_end": at(end),
+        "driver.private_mib_audit": round(max(after, default=0) / 2**20),
+        "cpu_stage_done_s": round(cpu_done, 1),
+        "stream_end_s": round(end, 1),
+    }
 
 
 def main(argv=None) -> None:
