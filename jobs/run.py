@@ -160,6 +160,13 @@ def format_summary(summary: dict) -> str:
         f"  output           {summary['output']}",
         f"  rows written     {summary['rows_written']}  (ok {status.get('ok', 0)}, error {status.get('error', 0)})",
     ]
+    if files := summary.get("input_files"):
+        done = (
+            f" (the other {files['count'] - files['read']} were done)"
+            if files["read"] < files["count"]
+            else ""
+        )
+        lines.append(f"  input files      {files['count']} seen, {files['read']} read{done}")
     if summary["rows_skipped_already_done"]:
         lines.append(
             f"  rows skipped     {summary['rows_skipped_already_done']} already in the output (resume)"

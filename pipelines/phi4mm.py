@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.ids import count_in
+from pipelines.incremental import input_files_record, pending_files
 from pipelines.io import audit, commit_run, id_strings, prepare_output, staging_name, write_manifest
 from pipelines.lock import OutputLock
 from pipelines.progress import ProgressMonitor
@@ -100,15 +101,18 @@ def _select_rows(batch: pa.Table, id_column: str, done_ids: pa.Array, keep_ids: 
     return batch.filter(keep)
 
 
-def read_input(config: JobConfig, done_ids: pa.Array, keep_ids: pa.Array | None = None):
+def read_input(
+    config: JobConfig, done_ids: pa.Array, keep_ids: pa.Array | None = None, files: list[str] | None = None
+):
     """The input rows still to do, as a lazy Ray dataset in blocks of one CPU batch each.
 
     ``keep_ids``: run only these rows (a --limit run: its first N ids, as validation listed them, so which
-    rows run does not depend on the order Ray's read tasks finish in)."""
+    rows run does not depend on the order Ray's read tasks finish in). ``files``: read only these input
+    files (``pipelines.incremental.pending_files``; default: all of input.path)."""
     import ray
 
     fs, path = filesystem_for(config.input.path, config.storage)  # the job's endpoint, not the default
-    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=config.resources.io_num_cpus)
+    ds = ray.data.read_parquet(files or path, filesystem=fs, num_cpus=config.resources.io_num_cpus)
     check_input_columns(config, ds.schema().base_schema)
     if len(done_ids):
         logger.info(
@@ -174,7 +178,10 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     else:
         skipped = count_in(plan.input_ids.batches(), done_ids)
     warn_if_resources_short(config)
-    ds = read_input(config, done_ids, keep_ids)
+    # Files whose every row is in the output already are not read at all (an input directory that keeps
+    # receiving files: each run reads the new ones and any a killed run left unfinished).
+    files = pending_files(plan.input_ids, done_ids) if keep_ids is None else list(plan.files)
+    ds = read_input(config, done_ids, keep_ids, files=files or list(plan.files[:1]))
     from pipelines.ledger import RayAttemptLedger
 
     ledger = RayAttemptLedger(run_id).create()  # outlives GPU actors that crash
@@ -232,6 +239,7 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         "engines": actors.get("generate", {}),
         "cpu_actors": actors.get("preprocess", {}),
         "audit": {**check.__dict__, "ok": check.ok},
+        "input_files": input_files_record(plan.input_ids, files),
         "provenance": provenance(config, actors.get("device", {})),
     }
     plot = None

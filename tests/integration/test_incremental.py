@@ -1,0 +1,57 @@
+"""An input directory that keeps receiving Parquet files, run three times with files added in between
+(as a cron job or a scheduled RayJob would): every row is answered exactly once, each run reads only the
+new files, and each manifest lists the files it saw. Real Ray and vLLM on the tiny model, text rows."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.phi4mm import run_pipeline
+from tests.helpers import make_config
+
+
+def test_three_runs_over_a_growing_directory_answer_every_row_once(local_ray, tiny_model, tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    config = make_config(
+        tiny_model,
+        tmp_path,
+        input={"path": str(inbox), "columns": {"image": None, "audio": None}},
+        output={"path": str(out), "mode": "resume"},
+        sampling={"max_tokens": 2},
+    )
+
+    def drop(name: str, ids: list[str]) -> None:
+        (inbox / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"id": ids, "prompt": [f"Say {i}." for i in ids]}), inbox / name)
+
+    drop("2026-12-01.parquet", ["a1", "a2", "a3"])
+    first = run_pipeline(config, run_id="night-1")
+    drop("2026-12-02.parquet", ["b1", "b2"])
+    second = run_pipeline(config, run_id="night-2")
+    drop("2026-12-03/part-0.parquet", ["c1", "c2"])  # a new sub-directory too
+    drop("2026-12-03/part-1.parquet", ["c3", "c4"])
+    third = run_pipeline(config, run_id="night-3")
+
+    runs = [first, second, third]
+    assert [r["rows_written"] for r in runs] == [3, 2, 4]
+    assert [r["rows_skipped_already_done"] for r in runs] == [0, 3, 5]
+    assert all(r["audit"]["ok"] and r["status"] == {"ok": r["rows_written"]} for r in runs)
+    manifests = [json.loads((out / f"_run-{r['run_id']}.json").read_text())["input_files"] for r in runs]
+    assert [(m["count"], m["read"], m["rows"]) for m in manifests] == [(1, 1, 3), (2, 1, 5), (4, 2, 9)]
+    read_last = [f["path"].rsplit("/", 2)[-2:] for f in manifests[2]["files"] if f["read"]]
+    assert read_last == [["2026-12-03", "part-0.parquet"], ["2026-12-03", "part-1.parquet"]]
+    rows = pq.read_table(out).select(["id", "run_id"]).to_pylist()
+    assert sorted(r["id"] for r in rows) == [
+        "a1",
+        "a2",
+        "a3",
+        "b1",
+        "b2",
+        "c1",
+        "c2",
+        "c3",
+        "c4",
+    ]  # once each
+    assert {r["id"]: r["run_id"] for r in rows}["b2"] == "night-2"

@@ -1,0 +1,36 @@
+"""Which input files a run reads when the output holds rows already, and the manifest's list of them."""
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.ids import IdColumn
+from pipelines.incremental import input_files_record, pending_files
+
+
+def _inbox(tmp_path, files: dict[str, list]) -> IdColumn:
+    for name, ids in files.items():
+        pq.write_table(pa.table({"id": ids}), tmp_path / name, row_group_size=2)
+    paths = [str(tmp_path / n) for n in sorted(files)]
+    return IdColumn.of_files(pafs.LocalFileSystem(), paths, "id", str(tmp_path))
+
+
+def test_only_files_with_a_row_not_in_the_output_are_read(tmp_path):
+    ids = _inbox(tmp_path, {"1.parquet": ["a", "b", "c"], "2.parquet": [1, 2, 3, 4, 5], "3.parquet": ["z"]})
+    files = list(ids.files)
+    assert pending_files(ids, pa.array([], pa.string())) == files  # nothing done: every file
+    assert pending_files(ids, pa.array(["a", "b", "c", "z"])) == [files[1]]  # ids compare as strings
+    # a file a killed run half wrote (its last row group not done) is read again
+    assert pending_files(ids, pa.array(["a", "b", "c", "1", "2", "3", "4", "z"])) == [files[1]]
+    assert pending_files(ids, pa.array(["a", "b", "c", "1", "2", "3", "4", "5", "z"])) == []
+    record = input_files_record(ids, [files[1]])
+    assert record == {
+        "count": 3,
+        "read": 1,
+        "rows": 9,
+        "files": [
+            {"path": files[0], "rows": 3, "read": False},
+            {"path": files[1], "rows": 5, "read": True},
+            {"path": files[2], "rows": 1, "read": False},
+        ],
+    }
