@@ -96,6 +96,18 @@ def image_canvas(image, dynamic_hd: int, where: str = "", size: tuple[int, int] 
     return ImageCanvas(pixels=pixels, mask=mask, num_tokens=tokens_from_masks(mask, canvas))
 
 
+def tensor_view(data, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A prepared blob (bytes or a zero-copy ``pyarrow.Buffer`` slice) as a CPU tensor, without copying:
+    a read-only view of the Arrow bytes, which the engines never write to."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch warns that the numpy array is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(shape))
+
+
 def crops_from_canvas(canvas: torch.Tensor) -> torch.Tensor:
     """(H, W, 3) uint8 canvas -> (1 + crops, 3, 448, 448) float32: the global view, then the crops row by
     row, with the original processor's arithmetic (ToTensor, Normalize(0.5, 0.5), bicubic interpolate)."""

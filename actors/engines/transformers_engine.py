@@ -21,11 +21,10 @@ import time
 from itertools import groupby
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from actors.engines.contract import EngineRequest, EngineResult, effective_sampling, warm_up
-from actors.features import MASK_SIDE, crops_from_canvas
+from actors.features import MASK_SIDE, crops_from_canvas, tensor_view
 from actors.tokens import audio_tokens_for_frames
 from schemas.job import JobConfig, SamplingConfig
 from schemas.model import PHI4MM
@@ -64,26 +63,24 @@ def load_model(config: JobConfig, device: str, dtype: torch.dtype):
     return model
 
 
-def _array(data, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(shape).copy())
-
-
 def media_inputs(requests: list[EngineRequest], device: str, dtype: torch.dtype) -> dict:
     """The model's media keyword arguments for a batch: images and clips in row order, padded."""
     inputs: dict = {}
     images = [im for r in requests for im in r.images]
     if images:
+        # the canvases go to the device as uint8 (the smallest form) and become crops there, as in vLLM
         crops = [
-            crops_from_canvas(_array(im["canvas"], "u1", (im["height"], im["width"], 3))) for im in images
+            crops_from_canvas(tensor_view(im["canvas"], "u1", (im["height"], im["width"], 3)).to(device))
+            for im in images
         ]
-        masks = [_array(im["mask"], "u1", (-1, MASK_SIDE, MASK_SIDE)) for im in images]
+        masks = [tensor_view(im["mask"], "u1", (-1, MASK_SIDE, MASK_SIDE)) for im in images]
         most = max(c.shape[0] for c in crops)
-        pixels = torch.zeros(len(images), most, *crops[0].shape[1:])
+        pixels = torch.zeros(len(images), most, *crops[0].shape[1:], device=device, dtype=dtype)
         mask = torch.zeros(len(images), most, MASK_SIDE, MASK_SIDE, dtype=torch.bool)
         for i, (c, m) in enumerate(zip(crops, masks, strict=True)):
             pixels[i, : len(c)], mask[i, : len(m)] = c, m.bool()
         inputs.update(
-            image_pixel_values=pixels.to(device, dtype),
+            image_pixel_values=pixels,
             image_attention_mask=mask.to(device),
             image_sizes=torch.tensor([[im["height"], im["width"]] for im in images]).to(device),
         )
@@ -92,7 +89,9 @@ def media_inputs(requests: list[EngineRequest], device: str, dtype: torch.dtype)
         frames = torch.tensor([a["frames"] for a in audios])
         features = torch.zeros(len(audios), int(frames.max()), PHI4MM.audio_mel_bins)
         for i, a in enumerate(audios):
-            features[i, : a["frames"]] = _array(a["features"], "<f4", (a["frames"], PHI4MM.audio_mel_bins))
+            features[i, : a["frames"]] = tensor_view(
+                a["features"], "<f4", (a["frames"], PHI4MM.audio_mel_bins)
+            )
         inputs.update(
             audio_input_features=features.to(device, dtype),
             audio_embed_sizes=torch.tensor([audio_tokens_for_frames(int(f)) for f in frames]).to(device),

@@ -9,15 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
-
-import numpy as np
 
 from actors.engines.contract import EngineRequest, EngineResult, effective_sampling, warm_up
 from actors.engines.vllm_loop import EngineLoop, LoopStats
 from actors.engines.vllm_plugin import PREPARED_ARCHITECTURE, register
-from actors.features import MASK_SIDE
+from actors.features import MASK_SIDE, tensor_view
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
 
@@ -75,21 +72,13 @@ def engine_kwargs(config: JobConfig) -> dict:
     return kwargs
 
 
-def _tensor(data: bytes, dtype: str, shape: tuple[int, ...]):
-    import torch
-
-    with warnings.catch_warnings():  # a read-only view of the Arrow bytes: the model never writes to it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(shape))
-
-
 def image_inputs(images: list[dict]) -> dict:
     """Prepared images -> the dict ``actors.engines.vllm_phi4mm`` takes as the image items of one request."""
     import torch
 
     return {
-        "image_canvas": [_tensor(im["canvas"], "u1", (im["height"], im["width"], 3)) for im in images],
-        "image_attention_mask": [_tensor(im["mask"], "u1", (-1, MASK_SIDE, MASK_SIDE)) for im in images],
+        "image_canvas": [tensor_view(im["canvas"], "u1", (im["height"], im["width"], 3)) for im in images],
+        "image_attention_mask": [tensor_view(im["mask"], "u1", (-1, MASK_SIDE, MASK_SIDE)) for im in images],
         "image_sizes": [torch.tensor([im["height"], im["width"]]) for im in images],
         "num_img_tokens": [im["tokens"] for im in images],
     }
@@ -104,7 +93,9 @@ def engine_prompt(request: EngineRequest) -> dict:
         uuids["image"] = [im["uuid"] for im in request.images]
     if request.audios:
         mm["audio"] = {
-            "input_audio_embeds": [_tensor(a["features"], "<f4", (a["frames"], -1)) for a in request.audios],
+            "input_audio_embeds": [
+                tensor_view(a["features"], "<f4", (a["frames"], -1)) for a in request.audios
+            ],
             "audio_with_images": [bool(a["with_images"]) for a in request.audios],
         }
         uuids["audio"] = [a["uuid"] for a in request.audios]
