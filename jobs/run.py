@@ -215,6 +215,18 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+SHOWN_FILES = 50  # input files listed in the printed summary; the manifest lists every one
+
+
+def printed(summary: dict) -> dict:
+    """The summary as SUMMARY_JSON prints it: a long list of input files is left to the manifest (an input
+    directory of 100,000 files would make a line of megabytes)."""
+    files = summary.get("input_files")
+    if not files or len(files["files"]) <= SHOWN_FILES:
+        return summary
+    return {**summary, "input_files": {**files, "files": f"{files['count']} files: see the manifest"}}
+
+
 def validation_lines(error: ValidationError, source: str, sets: list[tuple[str, object]] = ()) -> list[str]:
     """pydantic's report condensed to one line per field: ``FILE: model.max_lora_rank: ...``, or
     ``--set KEY=VALUE: ...`` when that override set the field (or a section above it)."""
@@ -284,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         lock.release()
     print(format_summary(summary))
-    print("SUMMARY_JSON " + json.dumps(summary, default=str))
+    print("SUMMARY_JSON " + json.dumps(printed(summary), default=str))
     return 0 if summary["audit"]["ok"] else EXIT_AUDIT_FAILED
 
 

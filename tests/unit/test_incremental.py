@@ -34,3 +34,16 @@ def test_only_files_with_a_row_not_in_the_output_are_read(tmp_path):
             {"path": files[2], "rows": 1, "read": False},
         ],
     }
+
+
+def test_the_printed_summary_leaves_a_long_file_list_to_the_manifest():
+    from jobs.run import SHOWN_FILES, printed
+
+    few = {"input_files": {"count": 2, "read": 1, "rows": 3, "files": [{"path": "a"}, {"path": "b"}]}}
+    assert printed(few) == few
+    many = {
+        "input_files": {"count": SHOWN_FILES + 1, "read": 1, "rows": 9, "files": [{}] * (SHOWN_FILES + 1)}
+    }
+    assert printed(many)["input_files"] == {"count": SHOWN_FILES + 1, "read": 1, "rows": 9,
+                                            "files": f"{SHOWN_FILES + 1} files: see the manifest"}  # fmt: skip
+    assert len(many["input_files"]["files"]) == SHOWN_FILES + 1  # the manifest's summary is untouched
