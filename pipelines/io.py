@@ -14,7 +14,8 @@
   in ``_committed.json``, which is read by name: finding them needs no listing;
 - ``resume`` and ``error`` runs commit parts as they go (``pipelines.writer``): a part once
   ``output.commit_every_rows`` rows wait for one or the oldest has waited ``output.commit_every_s``
-  seconds, so a killed run keeps what it committed and ``resume`` carries on from there;
+  seconds, so a killed run keeps what it committed and ``resume`` carries on from there. The run that
+  takes a killed run's lock over writes it the marker it never wrote (``record_interrupted_run``);
 - an ``overwrite`` run commits its parts under ``_staging-<run>/``; only when the run is complete and
   audited does it write its commit marker ``_committed-<run>.json`` (new parts, parts they replace), move
   the new parts in and delete the old ones. A reader sees the old output until then, never none; a swap
@@ -131,18 +132,18 @@ def check_output_mode(config: OutputConfig) -> None:
 def check_run_id_unused(uri: str, run_id: str) -> None:
     """Refuse a run id the output already knows: its part names would replace that run's parts."""
     fs, root = _fs_and_path(uri)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return
-    own = re.compile(rf"{PART_PREFIX}{re.escape(run_id)}-\d{{6}}-\d{{4,}}\.parquet")
-    for f in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
-        if own.fullmatch(f.base_name) or f.base_name in (
-            f"{MARKER_PREFIX}{run_id}.json",
-            f"_run-{run_id}.json",
-        ):
-            raise JobError(
-                f"run id {run_id} already wrote to output {uri} ({f.base_name}); a second run under it would "
-                "replace that run's parts. Try another --run-id, or leave it out for a fresh one."
-            )
+    names = [f"{MARKER_PREFIX}{run_id}.json"] if run_id in {m["run_id"] for m in _markers(fs, root)} else []
+    if not names and fs.get_file_info(root).type == pafs.FileType.Directory:  # the index read by name first
+        own = _parts_of(run_id)
+        names = [
+            f.base_name for f in fs.get_file_info(pafs.FileSelector(root, recursive=False))
+            if own.fullmatch(f.base_name) or f.base_name in (f"{MARKER_PREFIX}{run_id}.json", f"_run-{run_id}.json")
+        ]  # fmt: skip
+    if names:
+        raise JobError(
+            f"run id {run_id} already wrote to output {uri} ({names[0]}); a second run under it would "
+            "replace that run's parts. Try another --run-id, or leave it out for a fresh one."
+        )
 
 
 def prepare_output(config: OutputConfig) -> pa.Array:
@@ -245,12 +246,41 @@ def commit_run(uri: str, run_id: str, mode: str, parts: list[str]) -> dict:
         "replaces": replaces,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    _write_marker(fs, root, marker)
+    if mode == "overwrite":
+        _swap(fs, root, marker)
+    return marker
+
+
+def _write_marker(fs: pafs.FileSystem, root: str, marker: dict) -> None:
+    run_id = marker["run_id"]
     _write_atomically(fs, root, f"{MARKER_PREFIX}{run_id}.json", json.dumps(marker, indent=1).encode())
     # Only the run holding the output's lock writes here, so rewriting the index cannot lose another's entry.
     runs = [m for m in _markers(fs, root) if m["run_id"] != run_id] + [marker]
     _write_atomically(fs, root, COMMIT_INDEX, json.dumps({"runs": runs}).encode())
-    if mode == "overwrite":
-        _swap(fs, root, marker)
+
+
+def record_interrupted_run(uri: str, run_id: str, writers: int) -> dict | None:
+    """Give a run that died holding the output's lock the commit marker it never wrote (mode
+    ``interrupted``), naming the parts it committed in the output directory, so resume and the audit
+    count them even where a listing lags behind writes. They are found by name as well as listed: each of
+    the run's ``writers`` numbers its parts from 0 and commits them in order. Called, holding the lock, by
+    the run that took it over; returns the marker, or None when there is nothing to record."""
+    fs, root = _fs_and_path(uri)
+    if any(m["run_id"] == run_id for m in _markers(fs, root)):
+        return None
+    parts = {_name(p) for p in _parts_in(fs, root) if _parts_of(run_id).fullmatch(_name(p))}
+    for index in range(writers):
+        n = 0
+        while (name := part_name(run_id, index, n)) in parts or _exists(fs, f"{root}/{name}"):
+            parts.add(name)
+            n += 1
+    if not parts:
+        return None
+    marker = {"run_id": run_id, "mode": "interrupted", "parts": sorted(parts), "replaces": [],
+              "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    _write_marker(fs, root, marker)
+    logger.warning("output %s: recorded the %d parts interrupted run %s committed", uri, len(parts), run_id)
     return marker
 
 
@@ -355,6 +385,11 @@ def write_part_files(
             raise
         stats.files.append(name)
     return stats
+
+
+def _parts_of(run_id: str) -> re.Pattern:
+    """The names ``part_name`` gives a run's parts."""
+    return re.compile(rf"{PART_PREFIX}{re.escape(run_id)}-\d{{6}}-\d{{4,}}\.parquet")
 
 
 def part_name(run_id: str, task_idx: int, chunk_idx: int) -> str:

@@ -138,6 +138,8 @@ class OutputLock:
         for _ in range(3):
             if self._create():
                 self._start_heartbeat()
+                if self.took_over is not None:  # its parts get the marker it never wrote
+                    self._record(self.took_over.run_id)
                 return self
             held = read_lock(self.uri)
             if held is None:
@@ -157,6 +159,15 @@ class OutputLock:
             self.took_over = held
             self._remove_stale(held)
         raise JobError(f"could not take the lock of output {self.uri}: other runs keep taking it. Try again.")
+
+    def _record(self, run_id: str) -> None:
+        from pipelines.io import record_interrupted_run
+        from pipelines.writer import WRITERS
+
+        try:
+            record_interrupted_run(self.uri, run_id, WRITERS)
+        except OSError as e:  # a correction for lagging listings: without it resume lists them as before
+            logger.warning("output %s: could not record interrupted run %s's parts (%s)", self.uri, run_id, e)
 
     def release(self) -> None:
         self._stop.set()

@@ -135,6 +135,14 @@ def test_a_killed_run_on_the_store_resumes_every_row_once(tiny_model, tmp_path, 
     assert {codes[i] for n, i in enumerate(IDS) if n % 10 == 4} == {"MEDIA_NOT_FOUND"}
     assert all(codes[i] is None for n, i in enumerate(IDS) if n % 10 in (1, 2, 3))  # s3 media read
     assert not [k for k in s3.keys("out/") if "_tmp" in k or k.endswith("/_lock")]
+    # the killed run got the marker it never wrote, from the run that took its lock over
+    index = json.loads(s3.fs.open_input_stream(f"{s3.name}/out/_committed.json").read())
+    assert {m["run_id"]: m["mode"] for m in index["runs"]} == {
+        "doomed": "interrupted",
+        summary["run_id"]: "resume",
+    }
+    doomed = next(m for m in index["runs"] if m["run_id"] == "doomed")
+    assert doomed["parts"] == sorted(k.rsplit("/", 1)[1] for k in s3.keys("out/") if "/part-doomed-" in k)
     manifest = s3.fs.open_input_stream(f"{s3.name}/out/_run-{summary['run_id']}.json").read().decode()
     assert json.loads(manifest)["audit"]["ok"]
     _no_secret_in(s3, manifest, resumed.stdout, resumed.stderr, (tmp_path / "first.log").read_text())

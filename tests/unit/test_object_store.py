@@ -96,6 +96,28 @@ def test_markers_correct_a_listing_that_lags(s3, out):
     assert io.audit(pa.array(["x"]), out).ok
 
 
+def test_a_killed_runs_parts_count_where_the_listing_lags(s3, out):
+    """A resume run commits parts as it goes and its marker only at the end: one killed before has none.
+    The run that takes its lock over names its parts in a marker, found by name, not by the listing."""
+    faults = _faults(s3)
+    faults.list_lag_s, faults.prefix = 3600.0, "out/"  # the listing shows the past hour late
+    killed = io.write_in_parts([_rows(["a", "b", "c"])], out, "killed", 0, 1)
+    fs, root = storage.filesystem_for(out)
+    assert not [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                if i.base_name.startswith("part-")]  # fmt: skip
+    assert io.committed_ids(out).to_pylist() == []  # what resume would have skipped: nothing
+    lock = {"run_id": "killed", "host": "elsewhere", "pid": 1, "started": 0.0, "heartbeat": 0.0}
+    with s3.fs.open_output_stream(f"{s3.name}/out/_lock") as f:  # its heartbeat stopped long ago
+        f.write(json.dumps(lock).encode())
+    with OutputLock(out, "next") as taken:
+        assert taken.took_over.run_id == "killed"
+        assert sorted(io.committed_ids(out).to_pylist()) == ["a", "b", "c"]
+    marker = json.loads(s3.fs.open_input_stream(f"{s3.name}/out/_committed.json").read())["runs"][0]
+    assert (marker["run_id"], marker["mode"], marker["parts"]) == ("killed", "interrupted", killed.files)
+    with pytest.raises(JobError, match="already wrote"):
+        io.check_run_id_unused(out, "killed")
+
+
 def test_one_writer_per_output_on_the_store(s3, out):
     with OutputLock(out, "r1"):
         with pytest.raises(JobError, match="is being written by run r1"):
