@@ -131,11 +131,16 @@ def test_ray_job_submit_against_a_running_cluster(tiny_model, sample, tmp_path):
         out = tmp_path / "out"
         submit = [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
                   "python", "-m", "jobs.run", "--config", DEMO, "--input", str(sample), "--output", str(out),
-                  "--model", tiny_model, "--limit", "4"]  # fmt: skip
+                  "--model", tiny_model, "--limit", "4", "--set", "progress.every_s=1"]  # fmt: skip
         proc = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         summary = _summary(proc.stdout)
         assert summary["rows_written"] == 4 and summary["audit"]["ok"]
         assert pq.read_table(out).num_rows == 4
+        # no terminal under `ray job submit`: progress comes as log lines (every second, by the --set)
+        progress = [line for line in (proc.stdout + proc.stderr).splitlines() if "progress: " in line]
+        assert progress and "/4 rows" in progress[-1], proc.stdout[-3000:]
+        assert (out / f"_run-{summary['run_id']}.png").is_file()
+        assert summary["provenance"]["devices"] == ["cpu"]
     finally:
         _stop_cluster(short_tmp, port)
