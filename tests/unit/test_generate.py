@@ -68,7 +68,11 @@ def test_error_rows_pass_through_and_engine_errors_are_isolated(tiny_model, tmp_
     assert got[0]["text"].startswith("len=") and got[0]["run_id"] == "r1"
     (batch,) = stage.engine.calls  # one batched call with the three ok rows
     assert len(batch) == 3
-    assert batch[2].adapter == "speech" and batch[2].sampling.max_tokens == 5 and batch[2].audios[0]["frames"] == 98
+    assert (
+        batch[2].adapter == "speech"
+        and batch[2].sampling.max_tokens == 5
+        and batch[2].audios[0]["frames"] == 98
+    )
 
 
 def test_engine_kwargs_from_config(tiny_model, tmp_path):
