@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.io import committed_ids
@@ -55,13 +54,12 @@ def _batches(config: JobConfig, plan: JobPlan, done_ids: pa.Array):
 
     fs = plan.input_ids.fs
     size = config.resources.preprocess.batch_size
-    keep = None
-    if plan.run_ids is not None:
-        keep = plan.run_ids.filter(pc.invert(pc.is_in(plan.run_ids, value_set=done_ids)))
     for path in plan.files:
         with pq.ParquetFile(path, filesystem=fs) as f:
             for batch in f.iter_batches(batch_size=size):
-                table = _select_rows(pa.Table.from_batches([batch]), config.input.columns.id, done_ids, keep)
+                table = _select_rows(
+                    pa.Table.from_batches([batch]), config.input.columns.id, done_ids, plan.run_ids
+                )  # a --limit run: its ids, minus those done (_select_rows drops done ids itself)
                 if table.num_rows:
                     yield table
 
