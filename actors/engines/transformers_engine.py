@@ -38,6 +38,9 @@ def load_model(config: JobConfig, device: str, dtype: torch.dtype):
     """The checkpoint's model with its adapters (``model.use_lora``), in eval mode on ``device``."""
     from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
 
+    from actors.engines import transformers_patches
+
+    transformers_patches.apply()
     path = config.model.path
     if config.model.load_format == "dummy":  # random weights of the checkpoint's shapes, made on the device
         torch.manual_seed(config.engine.seed)
