@@ -188,6 +188,7 @@ class Engine:
                 self._stats["rejected"] += 1
                 return [EngineResult(error=f"{type(e).__name__}: {e}")]
             logger.warning("a batch of %d failed (%s); running its requests one at a time", len(chunk), e)
+            self._stats["split_batches"] += 1
             return [r for item in chunk for r in self._run(requests, [item], called)]
 
     def _generate_batch(self, batch: list[EngineRequest], chunk, called: float) -> list[EngineResult]:
@@ -273,7 +274,8 @@ class Engine:
     def stats(self) -> dict:
         s = self._stats
         return {"startup_s": round(self.startup_s, 2), "ready_at": round(self.ready_at, 3),
-                "requests": s["requests"], "rejected": s["rejected"], "steps": s["steps"],
+                "requests": s["requests"], "rejected": s["rejected"], "split_batches": s["split_batches"],
+                "steps": s["steps"],
                 "busy_s": round(s["busy_s"], 2), "max_in_flight": s["max_in_flight"]}  # fmt: skip
 
 
@@ -290,7 +292,8 @@ class _StopStrings:
 
 
 def _zero_stats() -> dict:
-    return {"requests": 0, "rejected": 0, "steps": 0, "busy_s": 0.0, "max_in_flight": 0}
+    # split_batches: batches that failed and ran their requests one at a time (each a slow path)
+    return {"requests": 0, "rejected": 0, "split_batches": 0, "steps": 0, "busy_s": 0.0, "max_in_flight": 0}
 
 
 def _sampling_key(s: SamplingConfig) -> tuple:

@@ -96,3 +96,29 @@ def test_audio_beside_an_image_gets_the_vision_speech_projection(config, engine)
             h.remove()
     assert sorted(modes) == ["speech", "vision"]  # two batches: one per adapter
     assert [r.prompt_tokens for r in results] == [row["prompt_tokens"] for row in prepared]
+
+
+def test_a_batch_with_a_clip_over_the_encoders_40_s_window_runs_as_one_batch(config, engine):
+    # transformers' own unfold_tensor failed such batches (actors/engines/transformers_patches.py)
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    def clip(seconds: float) -> dict:
+        tone = 0.3 * np.sin(np.arange(int(seconds * 16000)) * 2 * np.pi * 220 / 16000).astype(np.float32)
+        buffer = io.BytesIO()
+        sf.write(buffer, tone, 16000, format="WAV")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    rows = [{"id": s, "image": None, "audio": clip(float(s)), "prompt": None} for s in ("45", "5")]
+    prepared = PreprocessRows(config)(media_table(rows)).to_pylist()
+    assert [row["status"] for row in prepared] == ["ok", "ok"]
+    requests = [r for row in prepared for r in EngineRequest.from_prepared(row)]
+    split_before = engine.stats()["split_batches"]
+    batched = engine.generate(requests)
+    assert engine.stats()["split_batches"] == split_before  # no fallback to one request at a time
+    alone = [engine.generate([r])[0] for r in requests]
+    assert [r.error for r in batched] == [None, None]
+    assert [r.prompt_tokens for r in batched] == [row["prompt_tokens"] for row in prepared]
+    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in alone]
