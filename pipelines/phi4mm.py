@@ -240,7 +240,7 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         "cpu_actors": actors.get("preprocess", {}),
         "audit": {**check.__dict__, "ok": check.ok},
         "input_files": input_files_record(plan.input_ids, files),
-        "provenance": provenance(config, actors.get("device", {})),
+        "provenance": provenance(config, actors.get("device", {}), plan.adapters),
     }
     plot = None
     if config.progress.plot:

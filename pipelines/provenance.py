@@ -1,7 +1,8 @@
 """What produced a run's output, for its manifest: library versions, a hash of the config, hashes of the
-checkpoint's config and adapters, the driver's host and the GPU actors' hosts and devices.
+checkpoint's config and adapters and of the adapters in use (the job's own included), the driver's host and
+the GPU actors' hosts and devices.
 
-    manifest["provenance"] = provenance(config, devices)   # devices: the ledger's stage "device"
+    manifest["provenance"] = provenance(config, devices, plan.adapters)   # devices: the ledger's "device"
 
 Versions come from the installed distributions' metadata (nothing is imported); the GPU actors report
 their own host and device (``actors.generate.device_info``).
@@ -15,6 +16,7 @@ import socket
 from importlib import metadata
 from pathlib import Path
 
+from pipelines.storage import redact
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
 
@@ -83,12 +85,33 @@ def checkpoint_hashes(model_path: str) -> dict:
     }
 
 
-def provenance(config: JobConfig, devices: dict[str, dict] | None = None) -> dict:
+def adapters_in_use(config: JobConfig, dirs: dict[str, Path]) -> dict:
+    """Each adapter the run applied: where it came from (``model.adapters`` or the checkpoint) and the sha256
+    of its local folder (``dirs``: validation's, remote ones as copied to this node); {} without LoRA."""
+    if not config.model.use_lora:
+        return {}
+    custom = config.model.adapters.custom()
+    return {
+        name: {
+            "source": redact(
+                custom.get(name) or f"{config.model.path.rstrip('/')}/{PHI4MM.adapter_dir(name)}"
+            ),
+            "custom": name in custom,
+            "sha256": tree_hash(dirs[name]) if name in dirs else None,
+        }
+        for name in ("vision", "speech")
+    }
+
+
+def provenance(
+    config: JobConfig, devices: dict[str, dict] | None = None, adapter_dirs: dict | None = None
+) -> dict:
     gpu_actors = devices or {}
     return {
         "versions": versions(),
         "config_sha256": config_hash(config),
         "checkpoint": checkpoint_hashes(config.model.path),
+        "adapters": adapters_in_use(config, adapter_dirs or {}),
         "driver": {"host": socket.gethostname(), "platform": platform.platform()},
         "gpu_actors": gpu_actors,
         "devices": sorted({d.get("device", "unknown") for d in gpu_actors.values()}),

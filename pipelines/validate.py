@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,12 +22,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from actors.engines.adapters import adapter_rank, resolve_adapters
 from pipelines.ids import IdColumn, IdReadError, partition, shown
 from pipelines.io import check_output_mode, check_run_id_unused
 from pipelines.storage import filesystem_for, redact, use
+from schemas.adapters import ADAPTERS, CONFIG_FILE, engine_lora_rank
 from schemas.errors import JobError
 from schemas.job import JobConfig, ModelConfig
-from schemas.model import PHI4MM
+from schemas.model import PHI4MM, Adapter
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class JobPlan:
     input_ids: IdColumn  # the input's id column (files, column, row count), streamed, never held whole
     # A --limit run's ids: the first input.limit in input order, in string form. None: every input id.
     run_ids: pa.Array | None
+    # The adapters in use, as local folders on this node (the job's own remote ones copied); {}: no LoRA.
+    adapters: dict[Adapter, Path] = field(default_factory=dict)
 
     @property
     def input_rows(self) -> int:
@@ -55,6 +59,7 @@ def validate_job(config: JobConfig, run_id: str | None = None) -> JobPlan:
     With ``run_id``, also refuses a run id the output already holds parts of."""
     use(config.storage)  # this process's s3:// endpoint, region, timeouts (pipelines.storage)
     check_model(config.model)
+    adapters = check_adapters(config)
     fs, files = input_files(config.input.path)
     schema, rows = input_schema(fs, files, config.input.path)
     check_input_columns(config, schema)
@@ -63,7 +68,7 @@ def validate_job(config: JobConfig, run_id: str | None = None) -> JobPlan:
     check_output(config)
     if run_id is not None:
         check_run_id_unused(config.output.path, run_id)
-    return JobPlan(files, schema, input_ids, run_ids)
+    return JobPlan(files, schema, input_ids, run_ids, adapters)
 
 
 def check_model(model: ModelConfig) -> None:
@@ -82,12 +87,33 @@ def check_model(model: ModelConfig) -> None:
             "checkpoint's top directory (the one with config.json and the LoRA folders)."
         )
     if model.use_lora:
-        for adapter in (PHI4MM.vision_lora_dir, PHI4MM.speech_lora_dir):
-            if not (path / adapter / "adapter_config.json").is_file():
+        for adapter in ADAPTERS:
+            folder = PHI4MM.adapter_dir(adapter)
+            if adapter not in model.adapters.custom() and not (path / folder / CONFIG_FILE).is_file():
                 raise JobError(
-                    f"model.path {model.path} has no {adapter}/adapter_config.json, which model.use_lora "
-                    "needs. Try the original checkpoint layout, or model.use_lora: false for the base model."
+                    f"model.path {model.path} has no {folder}/{CONFIG_FILE}, which model.use_lora needs. Try "
+                    f"the original checkpoint layout, model.adapters.{adapter} with your own adapter, or "
+                    "model.use_lora: false for the base model."
                 )
+
+
+def check_adapters(config: JobConfig) -> dict[Adapter, Path]:
+    """The job's own adapters (``model.adapters``) pass every check of ``schemas.adapters``, remote ones
+    copied into this node's cache first (``actors.engines.adapters``); a ``model.max_lora_rank`` covers
+    every adapter in use. Returns the adapters' local folders ({} without LoRA)."""
+    model = config.model
+    if not model.use_lora:
+        return {}
+    dirs = resolve_adapters(model, config.storage)
+    local = {a: d for a, d in dirs.items() if a in model.adapters.custom() or "://" not in model.path}
+    if model.max_lora_rank and local:
+        adapter, rank = max(((a, adapter_rank(d)) for a, d in local.items()), key=lambda t: t[1])
+        if model.max_lora_rank < rank:
+            raise JobError(
+                f"model.max_lora_rank {model.max_lora_rank} is below the rank of the {adapter} adapter ({rank}). "
+                f"Try max_lora_rank: {engine_lora_rank(rank)}, or leave it out to size it from the adapters."
+            )
+    return dirs
 
 
 _shown = shown

@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from schemas.adapters import AdaptersConfig
 from schemas.errors import JobError
 from schemas.model import PHI4MM
 from schemas.rows import OUTPUT_SCHEMA
@@ -18,7 +19,16 @@ from schemas.sampling import MaxTokens, RowSampling, Seed, StopStrings, Temperat
 from schemas.task import TaskConfig
 
 # Config keys holding a local path, resolved against the YAML's directory (CLI values: the current one).
-LOCAL_PATH_KEYS = ("input.path", "output.path", "model.path", "input.media_root", "engine.compile_cache_dir")
+LOCAL_PATH_KEYS = (
+    "input.path",
+    "output.path",
+    "model.path",
+    "input.media_root",
+    "engine.compile_cache_dir",
+    "model.adapters.vision",
+    "model.adapters.speech",
+    "model.adapters.cache_dir",
+)
 
 
 class _Strict(BaseModel):
@@ -459,6 +469,20 @@ class ModelConfig(_Strict):
         ge=1,
         description="Override the LoRA rank bound; by default read from the adapters' adapter_config.json.",
     )
+    adapters: AdaptersConfig = Field(
+        default_factory=AdaptersConfig,
+        description="Your own fine-tuned LoRA folders in place of the checkpoint's (README, 'Your own adapters').",
+    )
+
+    @model_validator(mode="after")
+    def _check_adapters(self) -> ModelConfig:
+        if self.adapters.custom() and not self.use_lora:
+            key = next(iter(self.adapters.custom()))
+            raise ValueError(
+                f"model.adapters.{key} is set but model.use_lora is false, so no adapter would be applied. "
+                "Try use_lora: true, or leave model.adapters out."
+            )
+        return self
 
 
 class EngineConfig(_Strict):
@@ -680,8 +704,10 @@ class JobConfig(_Strict):
         naming the file and line); a mapping that is not a valid config raises pydantic's ValidationError.
         """
         raw = _read_yaml_mapping(Path(path))
-        for section, key in (k.split(".") for k in LOCAL_PATH_KEYS):
-            node = raw.get(section)
+        for *sections, key in (k.split(".") for k in LOCAL_PATH_KEYS):
+            node = raw
+            for section in sections:
+                node = node.get(section) if isinstance(node, dict) else None
             value = node.get(key) if isinstance(node, dict) else None  # a non-mapping: pydantic says so
             if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
                 node[key] = str((Path(path).parent / value).resolve())

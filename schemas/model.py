@@ -36,6 +36,13 @@ class Phi4MMFacts(BaseModel):
     vision_lora_dir: str = Field("vision-lora", description="Adapter folder used for rows with images.")
     speech_lora_dir: str = Field("speech-lora", description="Adapter folder used for audio-only rows.")
     max_lora_rank: int = Field(320, description="Largest adapter rank the checkpoint ships (speech-lora).")
+    lora_layer_modules: tuple[str, ...] = Field(
+        ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+        description=(
+            "Projections of each language-model layer (layers.N.<name>) an adapter may target: the ones the "
+            "checkpoint's adapters target and vLLM's Phi4MM applies LoRA to."
+        ),
+    )
     supported_lora_ranks: tuple[int, ...] = Field(
         (1, 8, 16, 32, 64, 128, 256, 320, 512), description="max_lora_rank values vLLM accepts."
     )

@@ -68,3 +68,18 @@ def assert_adapters_apply_per_row_in_shared_steps(engine, max_steps: int) -> Non
     steps = engine.loop.stats.steps
     assert [r.text for r in engine.generate(requests * 2)] == [base, vision, speech] * 2
     assert engine.loop.stats.steps - steps <= max_steps
+
+
+ADAPTER_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def write_adapter(folder: Path, weights: bytes = b"w" * 100, **config) -> Path:
+    """A PEFT LoRA folder as the custom-adapter checks see it: adapter_config.json (LoRA, r=8, the LM's
+    projections unless ``config`` says otherwise) and adapter_model.safetensors holding ``weights``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "bias": "none", "target_modules": ADAPTER_TARGETS}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | config))
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    return folder

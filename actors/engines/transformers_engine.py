@@ -35,7 +35,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def load_model(config: JobConfig, device: str, dtype: torch.dtype):
-    """The checkpoint's model with its adapters (``model.use_lora``), in eval mode on ``device``."""
+    """The checkpoint's model with its adapters (``model.use_lora``: the job's own ``model.adapters`` where
+    set, else the checkpoint's), in eval mode on ``device``."""
     from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
 
     from actors.engines import transformers_patches
@@ -54,12 +55,17 @@ def load_model(config: JobConfig, device: str, dtype: torch.dtype):
     if config.model.use_lora:
         from transformers.utils import logging as hf_logging
 
+        from actors.engines.adapters import resolve_adapters
+
+        custom = config.model.adapters.custom()
+        local = resolve_adapters(config.model, config.storage)  # the job's own, copied here if remote
         # each adapter's load report lists the base model's and the other adapter's weights as "missing"
         hf_logging.set_verbosity_error()
         for adapter in ("vision", "speech"):
             folder = PHI4MM.adapter_dir(adapter)
-            if Path(path).is_dir():  # transformers 5.19 reads a local adapter's subfolder only as a path
-                model.load_adapter(str(Path(path) / folder), adapter_name=adapter)
+            # transformers 5.19 reads a local adapter's subfolder only as a path; a hub id takes subfolder
+            if adapter in custom or Path(path).is_dir():
+                model.load_adapter(str(local[adapter]), adapter_name=adapter)
             else:
                 model.load_adapter(path, adapter_name=adapter, adapter_kwargs={"subfolder": folder})
         hf_logging.set_verbosity_warning()

@@ -6,44 +6,24 @@ vLLM is imported only when an engine is built, so this module is cheap to import
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
+from actors.engines.adapters import lora_rank_of, resolve_adapters
 from actors.engines.contract import EngineRequest, EngineResult, effective_sampling, warm_up
 from actors.engines.vllm_loop import EngineLoop, LoopStats
 from actors.engines.vllm_plugin import PREPARED_ARCHITECTURE, register
 from actors.features import MASK_SIDE, tensor_view
 from schemas.job import JobConfig
-from schemas.model import PHI4MM
+from schemas.model import Adapter
 
 logger = logging.getLogger(__name__)
 
 
-def lora_rank_of(model_path: str) -> int:
-    """The rank bound vLLM needs for the checkpoint's adapters, rounded up to a rank vLLM supports."""
-    ranks = []
-    for adapter in ("vision", "speech"):
-        cfg_file = Path(model_path) / PHI4MM.adapter_dir(adapter) / "adapter_config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(
-                f"LoRA adapter config {cfg_file} is missing. Phi-4-multimodal ships {PHI4MM.vision_lora_dir}/ and "
-                f"{PHI4MM.speech_lora_dir}/ beside its weights; point model.path at the full checkpoint, "
-                "or try model.use_lora: false to run the base model."
-            )
-        ranks.append(int(json.loads(cfg_file.read_text())["r"]))
-    needed = max(ranks)
-    for supported in PHI4MM.supported_lora_ranks:
-        if supported >= needed:
-            return supported
-    raise ValueError(
-        f"adapter rank {needed} exceeds the largest rank vLLM supports ({PHI4MM.supported_lora_ranks[-1]})."
-    )
-
-
-def engine_kwargs(config: JobConfig) -> dict:
-    """Keyword arguments for ``vllm.LLM`` derived from the job config."""
+def engine_kwargs(config: JobConfig, adapter_dirs: dict[Adapter, Path] | None = None) -> dict:
+    """Keyword arguments for ``vllm.LLM`` derived from the job config; ``adapter_dirs``: the adapters in
+    use (``actors.engines.adapters.resolve_adapters``, resolved here when not given)."""
     model, engine = config.model, config.engine
     kwargs = dict(
         model=model.path,
@@ -66,9 +46,8 @@ def engine_kwargs(config: JobConfig) -> dict:
     if engine.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
     if model.use_lora:
-        kwargs.update(
-            enable_lora=True, max_loras=2, max_lora_rank=model.max_lora_rank or lora_rank_of(model.path)
-        )
+        dirs = adapter_dirs if adapter_dirs is not None else resolve_adapters(model, config.storage)
+        kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=model.max_lora_rank or lora_rank_of(dirs))
     return kwargs
 
 
@@ -116,12 +95,12 @@ class Engine:
         self.config = config
         started = time.perf_counter()
         register()
-        self.llm = LLM(**engine_kwargs(config))
-        self.lora_requests = {}
-        if config.model.use_lora:
-            for lora_id, adapter in enumerate(("vision", "speech"), start=1):
-                path = str(Path(config.model.path) / PHI4MM.adapter_dir(adapter))
-                self.lora_requests[adapter] = LoRARequest(f"phi4mm-{adapter}", lora_id, path)
+        dirs = resolve_adapters(config.model, config.storage) if config.model.use_lora else {}
+        self.llm = LLM(**engine_kwargs(config, dirs))
+        self.lora_requests = {
+            adapter: LoRARequest(f"phi4mm-{adapter}", lora_id, str(path))
+            for lora_id, (adapter, path) in enumerate(dirs.items(), start=1)
+        }
         self.loop = EngineLoop(self.llm.llm_engine)
         warm_up(self)
         # The run summary's counts are the rows' requests and steps: the warm-up's would make a 2,000-row

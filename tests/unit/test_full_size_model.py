@@ -103,9 +103,21 @@ def test_adapter_configs_are_the_released_files(full_size):
 
 
 def test_lora_rank_bound(full_size):
-    from actors.engines.vllm_engine import lora_rank_of
+    from actors.engines.adapters import lora_rank_of
 
-    assert lora_rank_of(str(full_size)) == PHI4MM.max_lora_rank == 320
+    dirs = {a: full_size / PHI4MM.adapter_dir(a) for a in ("vision", "speech")}
+    assert lora_rank_of(dirs) == PHI4MM.max_lora_rank == 320
+
+
+def test_the_released_adapter_configs_pass_the_custom_adapter_checks(full_size):
+    from schemas.adapters import check_config
+
+    ranks = {}
+    for adapter in ("vision", "speech"):
+        text = (full_size / PHI4MM.adapter_dir(adapter) / "adapter_config.json").read_text()
+        ranks[adapter], targets = check_config(f"model.adapters.{adapter}", "released", text)  # no JobError
+        assert set(targets) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert ranks["speech"] == PHI4MM.max_lora_rank
 
 
 @pytest.mark.parametrize("rank", [256, 320])

@@ -5,8 +5,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from actors.engines.adapters import lora_rank_of, resolve_adapters
 from actors.engines.contract import EngineResult
-from actors.engines.vllm_engine import engine_kwargs, lora_rank_of
+from actors.engines.vllm_engine import engine_kwargs
 from actors.generate import GenerateRows
 from schemas.rows import OUTPUT_SCHEMA, PREPARED_SCHEMA, empty_prepared_row
 from tests.helpers import make_config
@@ -79,7 +80,7 @@ def test_engine_kwargs_from_config(tiny_model, tmp_path):
     cfg = make_config(tiny_model, tmp_path)
     kw = engine_kwargs(cfg)
     assert kw["enable_lora"] and kw["max_loras"] == 2
-    assert kw["max_lora_rank"] == lora_rank_of(tiny_model) == 8
+    assert kw["max_lora_rank"] == lora_rank_of(resolve_adapters(cfg.model)) == 8
     assert kw["mm_processor_kwargs"] == {"dynamic_hd": 1}
     assert kw["limit_mm_per_prompt"] == {"image": 1, "audio": 1}
     assert kw["trust_remote_code"] and kw["load_format"] == "dummy"
@@ -90,10 +91,14 @@ def test_engine_kwargs_from_config(tiny_model, tmp_path):
 def test_lora_rank_rounds_up_to_a_supported_rank(tmp_path):
     import json
 
-    for name, r in (("vision-lora", 256), ("speech-lora", 300)):
+    for name, r in (("vision", 256), ("speech", 300)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": r}))
-    assert lora_rank_of(str(tmp_path)) == 320
+    assert lora_rank_of({n: tmp_path / n for n in ("vision", "speech")}) == 320
+    (tmp_path / "speech" / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "rank_pattern": {"o_proj": 500}})
+    )
+    assert lora_rank_of({n: tmp_path / n for n in ("vision", "speech")}) == 512
 
 
 class WindowEngine:

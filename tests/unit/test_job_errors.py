@@ -16,7 +16,7 @@ import yaml
 from jobs.run import main
 from pipelines.io import write_part_files
 from schemas.rows import OUTPUT_SCHEMA
-from tests.helpers import REPO
+from tests.helpers import REPO, write_adapter
 
 
 @pytest.fixture
@@ -137,6 +137,18 @@ def test_a_bad_model_directory(job, capsys, what):
         (model / "speech-lora" / "adapter_config.json").unlink()
         needle = "model.use_lora: false"
     _fails(job, capsys, ["--config", job.config(), "--model", str(model)], "model.path", str(model), needle)
+
+
+def test_a_bad_custom_adapter_is_refused_before_anything_starts(job, capsys):
+    write_adapter(job.path / "mine", r=1024)  # relative in the YAML: next to it
+    config = job.config(model={"adapters": {"speech": "mine"}})
+    _fails(job, capsys, ["--config", config], "model.adapters.speech", str(job.path / "mine"), "r=1024")
+    write_adapter(job.path / "mine", target_modules=["q_proj"])
+    _fails(job, capsys, ["--config", config], "model.adapters.speech", "['q_proj']")
+    _fails(job, capsys, ["--config", config, "--set", "model.adapters.speech=elsewhere"], "does not exist")
+    write_adapter(job.path / "mine", r=64)
+    _fails(job, capsys, ["--config", config, "--set", "model.max_lora_rank=16"], "model.max_lora_rank 16",
+           "speech adapter (64)", "max_lora_rank: 64")  # fmt: skip
 
 
 def test_a_corrupt_file_in_the_input_directory_is_named(job, capsys):
