@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from schemas.adapters import AdaptersConfig
 from schemas.errors import JobError
@@ -473,6 +473,18 @@ class ModelConfig(_Strict):
         default_factory=AdaptersConfig,
         description="Your own fine-tuned LoRA folders in place of the checkpoint's (README, 'Your own adapters').",
     )
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_vllm_accepts(cls, rank: int | None) -> int | None:
+        if rank is not None and rank not in PHI4MM.supported_lora_ranks:
+            covering = [r for r in PHI4MM.supported_lora_ranks if r >= rank]
+            try_rank = covering[0] if covering else PHI4MM.supported_lora_ranks[-1]
+            raise ValueError(
+                f"{rank} is not a rank vLLM accepts ({', '.join(map(str, PHI4MM.supported_lora_ranks))}). "
+                f"Try max_lora_rank: {try_rank}, or leave it out to size it from the adapters."
+            )
+        return rank
 
     @model_validator(mode="after")
     def _check_adapters(self) -> ModelConfig:

@@ -99,6 +99,13 @@ def test_validation_errors_are_one_line_per_field(job, capsys):
     _fails(job, capsys, ["--config", cfg], "sampling.max_tokens (100)")
 
 
+def test_a_lora_rank_vllm_does_not_accept_is_refused_with_the_rank_to_use(job, capsys):
+    cfg = job.config(model={"max_lora_rank": 10})
+    _fails(
+        job, capsys, ["--config", cfg], "model.max_lora_rank", "not a rank vLLM accepts", "max_lora_rank: 16"
+    )
+
+
 def test_two_bad_fields_give_two_lines(job, capsys):
     cfg = job.config(model={"max_lora_rank": 0}, engine={"dynamic_hd": 0})
     assert main(["--config", cfg]) == 2
