@@ -20,6 +20,7 @@ from actors.attempts import QUARANTINE_AFTER, AttemptLedger, LocalAttemptLedger
 from actors.chunks import stitch_texts
 from actors.engines import build_engine
 from actors.engines.contract import EngineFactory, EngineRequest, EngineResult
+from actors.output_check import verdict
 from schemas.job import JobConfig
 from schemas.output import carried_names
 from schemas.rows import OUTPUT_SCHEMA, ErrorCode, Status, output_row_from_prepared
@@ -96,12 +97,26 @@ def merge_results(results: list[EngineResult]) -> EngineResult:
         text=stitch_texts([r.text for r in results]),
         prompt_tokens=sum(r.prompt_tokens for r in results),
         completion_tokens=sum(r.completion_tokens for r in results),
-        finish_reason="length"
-        if any(r.finish_reason == "length" for r in results)
-        else results[-1].finish_reason,
+        # a window cut off or stopped as a loop marks the whole row (and counts in the run summary)
+        finish_reason=next(
+            (f for f in ("length", "repetition") if any(r.finish_reason == f for r in results)),
+            results[-1].finish_reason,
+        ),
         queued_s=results[0].queued_s,
         engine_s=max((r.engine_s or 0.0) for r in results),  # windows run side by side in the engine
+        **_merged_confidence(results),
     )
+
+
+def _merged_confidence(results: list[EngineResult]) -> dict:
+    """The windows' confidence as one answer's: the token-weighted mean, the lowest minimum."""
+    if any(r.logprob_mean is None for r in results):
+        return {}
+    tokens = sum(r.completion_tokens or 0 for r in results) or 1
+    return {
+        "logprob_mean": sum(r.logprob_mean * (r.completion_tokens or 0) for r in results) / tokens,
+        "logprob_min": min(r.logprob_min for r in results),
+    }
 
 
 class GenerateRows:
@@ -180,7 +195,7 @@ class GenerateRows:
             raise RuntimeError(f"engine returned {len(flat)} results for {sum(map(len, per_row))} requests")
         offsets = np.cumsum([0] + [len(r) for r in per_row])
         results = [merge_results(flat[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-        for i, result in zip(indices, results, strict=True):
+        for i, result, requests in zip(indices, results, per_row, strict=True):
             row = rows[i]
             if result.error is not None:
                 row.update(
@@ -197,4 +212,16 @@ class GenerateRows:
                 finish_reason=result.finish_reason,
                 queue_s=result.queued_s,
                 engine_s=result.engine_s,
+                logprob_mean=result.logprob_mean,
+                logprob_min=result.logprob_min,
             )
+            spec = requests[0].structured
+            if spec is None:
+                continue
+            if result.choice_probs is not None and spec.choice is not None:
+                row["choice_probs"] = [
+                    {"choice": c, "prob": p} for c, p in zip(spec.choice, result.choice_probs, strict=True)
+                ]
+            if (wrong := verdict(result.text, result.finish_reason, spec)) is not None:
+                code, message = wrong
+                row.update(status=Status.ERROR.value, error_code=code.value, error_message=message)

@@ -12,6 +12,7 @@ time limit (``RowTimer``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -41,6 +42,7 @@ from actors.media import (
 from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of, task_instruction
 from actors.row_timer import RowTimer
 from actors.tokens import fitted_size, letterbox_size, num_audio_tokens, num_image_tokens
+from schemas.annotation import StructuredSpec
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
 from schemas.output import carry
@@ -99,6 +101,10 @@ class PreprocessRows:
         self.actor_key = f"{socket.gethostname()}:{os.getpid()}"
         self.stats = {"batches": 0, "rows": 0, "busy_s": 0.0}
         self.columns = config.input.columns
+        job_spec = config.structured
+        self.structured = (
+            StructuredSpec(**{job_spec.kind: getattr(job_spec, job_spec.kind)}) if job_spec else None
+        )
         self.source = MediaSource(
             media_root=config.input.media_root or default_media_root(config.input.path),
             allow_http=config.input.allow_http,
@@ -208,6 +214,7 @@ class PreprocessRows:
             self.config.prompt.system,
         )
         self._read_sampling(row, out)
+        out["structured"] = self._read_structured(row)
         budget = engine.max_model_len - (out["max_tokens"] or self.config.sampling.max_tokens)
         clips = [a.samples for a in audios]
         chunked = media_cfg.long_audio == "chunk" and not images and len(audios) == 1
@@ -320,6 +327,23 @@ class PreprocessRows:
                 note = f"image downscaled {before} -> {after} to fit the token budget"
                 return [downscale(im, scale) for im in images], note
         return images, None
+
+    def _read_structured(self, row: dict) -> str | None:
+        """The row's structured output (its input.columns.structured cell, else the job's), as JSON."""
+        column = self.columns.structured
+        cell = row.get(column) if column else None
+        if cell is None:
+            return self.structured.to_json() if self.structured else None
+        try:
+            spec = json.loads(cell) if isinstance(cell, str) else cell
+            return StructuredSpec.model_validate(spec).to_json()
+        except (ValueError, ValidationError) as e:
+            reason = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+            raise RowError(
+                ErrorCode.INVALID_STRUCTURED,
+                f"column {column!r} holds {cell!r:.200}: {reason}. Try a JSON object with one of json_schema, "
+                "choice or regex, or null for the job's structured.",
+            ) from None
 
     def _read_sampling(self, row: dict, out: dict) -> None:
         """The row's sampling columns, validated with the engine contract's ``RowSampling``."""

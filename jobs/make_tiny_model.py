@@ -67,6 +67,12 @@ WORDS = (
 ).split()
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
 def write_tokenizer(out: Path) -> None:
     """A word-level tokenizer with the model's special tokens at their real ids (not the real vocabulary)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -91,10 +97,30 @@ def write_tokenizer(out: Path) -> None:
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
-    hf_tok.chat_template = (
-        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(out)
+
+
+def write_byte_tokenizer(out: Path) -> None:
+    """A byte-level tokenizer (every byte a token, no merges) with the model's special tokens at their real
+    ids, in place of ``write_tokenizer``'s word-level one: it spells any text, so constrained decoding
+    (structured outputs: JSON, choices, regexes) has the tokens it needs on the tiny model."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda c: (ord(c) > 255, ord(c)))
+    vocab = {c: i for i, c in enumerate(byte_chars)}
+    for i in range(len(vocab), VOCAB_SIZE):
+        vocab[SPECIAL_TOKENS.get(i, f"w{i}")] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS.values()])
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
+    hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
 
 
@@ -246,7 +272,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="--full-size only: write the adapters' adapter_config.json but not their ~1.6 GB of weights.",
     )
+    parser.add_argument(
+        "--byte-tokenizer",
+        action="store_true",
+        help="Tiny model only: a byte-level tokenizer that spells any text (structured outputs need it).",
+    )
     args = parser.parse_args(argv)
+    if args.byte_tokenizer and args.full_size:
+        parser.error("--byte-tokenizer goes with the tiny model (the full-size one has its own tokenizer)")
     if args.layout == "transformers":
         if args.dynamic_hd is not None:
             parser.error(
@@ -261,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             rank = 8 if args.lora_rank is None else args.lora_rank
             out = transformers_model.write_tiny_transformers_checkpoint(args.out_dir, rank)
+            if args.byte_tokenizer:
+                write_byte_tokenizer(out)
         print(f"wrote Phi-4-multimodal checkpoint (transformers layout) to {out}")
         return
     if args.full_size:
@@ -276,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--no-lora-weights goes with --full-size (the tiny adapters are a few kB)")
     dynamic_hd = 1 if args.dynamic_hd is None else args.dynamic_hd
     out = write_tiny_checkpoint(args.out_dir, dynamic_hd, 8 if args.lora_rank is None else args.lora_rank)
+    if args.byte_tokenizer:
+        write_byte_tokenizer(out)
     print(f"wrote tiny Phi-4-multimodal checkpoint to {out} (dynamic_hd={dynamic_hd})")
 
 

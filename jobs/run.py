@@ -173,6 +173,10 @@ def format_summary(summary: dict) -> str:
         )
     for code, n in summary["error_codes"].items():
         lines.append(f"    {code:<28} {n}")
+    if looped := summary.get("finish_reasons", {}).get("repetition"):
+        lines.append(
+            f"  looped rows      {looped} stopped as loops (finish_reason repetition; see `repetition`)"
+        )
     for actor, engine in summary.get("engines", {}).items():
         lines.append(
             f"  engine {actor:<20} start {engine['startup_s']} s, {engine['requests']} requests, "

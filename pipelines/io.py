@@ -315,6 +315,7 @@ class WriteStats:
     files: list[str] = field(default_factory=list)
     status: Counter = field(default_factory=Counter)
     error_codes: Counter = field(default_factory=Counter)
+    finish_reasons: Counter = field(default_factory=Counter)  # 'repetition': rows stopped as loops
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -323,6 +324,7 @@ class WriteStats:
         self.files += other.files
         self.status.update(other.status)
         self.error_codes.update(other.error_codes)
+        self.finish_reasons.update(other.finish_reasons)
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
 
@@ -336,6 +338,7 @@ class WriteStats:
             rows=table.num_rows,
             status=counts("status"),
             error_codes=counts("error_code"),
+            finish_reasons=counts("finish_reason"),
             prompt_tokens=int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
             completion_tokens=int(pc.sum(table.column("completion_tokens")).as_py() or 0),
         )

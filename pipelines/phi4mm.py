@@ -7,6 +7,7 @@ Stages are the plain classes in ``actors``; this module only decides how Ray sch
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -26,7 +27,7 @@ from pipelines.spec import StageSpec, apply
 from pipelines.storage import filesystem_for, redact, use
 from pipelines.validate import JobPlan, check_input_columns, validate_job
 from schemas.job import JobConfig, pool_bounds
-from schemas.output import OutputShape
+from schemas.output import OutputShape, TypedColumn
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,11 @@ def output_shape(config: JobConfig, plan: JobPlan) -> OutputShape:
     """The output's layout: renames, carried input columns with their datasets features."""
     cols = config.input.columns
     media = {name: kind for name, kind in ((cols.image, "Image"), (cols.audio, "Audio")) if name}
-    return OutputShape.of(config.output.column_names, config.output.carry_columns, plan.schema, media)
+    asked = config.structured
+    typed = None
+    if asked and asked.json_schema is not None and asked.typed_column:
+        typed = TypedColumn(asked.typed_column, json.dumps(asked.json_schema))
+    return OutputShape.of(config.output.column_names, config.output.carry_columns, plan.schema, media, typed)
 
 
 def parts_summary(names: list[str], shown: int = 3) -> dict[str, Any]:
@@ -231,6 +236,7 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         "rows_skipped_already_done": skipped,
         "status": dict(stats.status),
         "error_codes": dict(sorted(stats.error_codes.items())),
+        "finish_reasons": dict(sorted(stats.finish_reasons.items())),
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "wall_s": round(wall_s, 2),

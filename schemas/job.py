@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from schemas.adapters import AdaptersConfig
+from schemas.annotation import RepetitionConfig, StructuredConfig, check_annotation
 from schemas.errors import JobError
 from schemas.model import PHI4MM
 from schemas.rows import OUTPUT_SCHEMA
@@ -120,6 +121,13 @@ class ColumnsConfig(_SamplingColumns):
     sampling_rate: str | None = Field(
         "sampling_rate",
         description="Sampling rate (Hz) of audio given as a float array in the audio column.",
+    )
+    structured: str | None = Field(
+        None,
+        description=(
+            "Optional per-row structured output (JSON text or a struct: {choice: [...]}, {json_schema: {...}} "
+            "or {regex: ...}) replacing the job's `structured` for that row; null cells: the job's."
+        ),
     )
 
 
@@ -662,9 +670,25 @@ class JobConfig(_Strict):
             "prompt.default_*."
         ),
     )
+    structured: StructuredConfig | None = Field(
+        None,
+        description="Constrain every answer to a JSON schema, a choice list or a regex (schemas/annotation.py).",
+    )
+    repetition: RepetitionConfig = Field(
+        default_factory=RepetitionConfig,
+        description="Stop looping answers (finish_reason 'repetition'); on by default.",
+    )
+    confidence: bool = Field(
+        False,
+        description=(
+            "Score each answer: logprob_mean and logprob_min of its tokens, and with structured.choice each "
+            "choice's probability (choice_probs)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> JobConfig:
+        check_annotation(self)
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens ({self.sampling.max_tokens}) leaves no room for the prompt in "

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from schemas.rows import MEDIA_STRUCT, OUTPUT_SCHEMA
+from schemas.annotation import JsonArrow
+from schemas.rows import MEDIA_STRUCT, OUTPUT_SCHEMA, Status
 
 HF_METADATA_KEY = b"huggingface"  # where datasets keeps its features in a Parquet file's schema
 CARRY_PREFIX = "carry:"  # carried input columns between the stages: no clash with the stages' own columns
@@ -37,6 +38,8 @@ def hf_feature(arrow_type: pa.DataType) -> dict:
         return {"dtype": _VALUE_DTYPES[arrow_type], "_type": "Value"}
     if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
         return {"feature": hf_feature(arrow_type.value_type), "_type": "List"}
+    if pa.types.is_struct(arrow_type):  # datasets keeps a struct as a plain dict of its fields' features
+        return {f.name: hf_feature(f.type) for f in arrow_type}
     raise ValueError(f"no datasets feature for Arrow type {arrow_type}")
 
 
@@ -59,6 +62,29 @@ class Carried:
 
 
 @dataclass(frozen=True)
+class TypedColumn:
+    """The output column of ok rows' answers parsed by the job's JSON schema (``structured.typed_column``)."""
+
+    name: str
+    schema_json: str  # the JSON schema, as text (hashable)
+
+    @property
+    def type(self) -> pa.DataType:
+        return JsonArrow(json.loads(self.schema_json)).type
+
+    def column(self, texts: list[str | None]) -> pa.Array:
+        """Each answer's value (null for error rows and answers that are not JSON)."""
+        convert = JsonArrow(json.loads(self.schema_json))
+        values = []
+        for text in texts:
+            try:
+                values.append(None if text is None else convert.value(json.loads(text)))
+            except ValueError:
+                values.append(None)
+        return pa.array(values, type=convert.type)
+
+
+@dataclass(frozen=True)
 class OutputShape:
     """What ``apply`` does to the last stage's rows (``OUTPUT_SCHEMA`` plus the carried input columns
     under ``CARRY_PREFIX``) before they are written: renames (``output.column_names``), carried columns
@@ -66,10 +92,16 @@ class OutputShape:
 
     column_names: dict[str, str] = field(default_factory=dict)
     carried: tuple[Carried, ...] = ()
+    typed: TypedColumn | None = None
 
     @classmethod
     def of(
-        cls, column_names: dict[str, str], carry: list[str], input_schema: pa.Schema, media: dict
+        cls,
+        column_names: dict[str, str],
+        carry: list[str],
+        input_schema: pa.Schema,
+        media: dict,
+        typed: TypedColumn | None = None,
     ) -> OutputShape:
         """``media``: input column name -> "Image" / "Audio" for the job's media columns: a carried one in
         datasets' struct<bytes, path> layout reads back as that feature when the input declares none."""
@@ -81,7 +113,7 @@ class OutputShape:
             if feature is None and arrow == MEDIA_STRUCT and name in media:
                 feature = {"_type": media[name]}
             carried.append(Carried(name, arrow, feature))
-        return cls(dict(column_names), tuple(carried))
+        return cls(dict(column_names), tuple(carried), typed)
 
     def name(self, column: str) -> str:
         return self.column_names.get(column, column)
@@ -94,6 +126,9 @@ class OutputShape:
             fields.append(pa.field(c.name, c.type))
             if c.feature is not None:
                 features[c.name] = c.feature
+        if self.typed is not None:
+            fields.append(pa.field(self.typed.name, self.typed.type))
+            features[self.typed.name] = hf_feature(self.typed.type)
         hf = {"info": {"features": features}}
         return pa.schema(
             fields, metadata={**OUTPUT_SCHEMA.metadata, HF_METADATA_KEY: json.dumps(hf).encode()}
@@ -107,6 +142,12 @@ class OutputShape:
             out = out.append_column(
                 pa.field(c.name, c.type), table.column(CARRY_PREFIX + c.name).cast(c.type)
             )
+        if self.typed is not None:
+            ok = [s == Status.OK.value for s in table.column("status").to_pylist()]
+            texts = [
+                t if good else None for t, good in zip(table.column("text").to_pylist(), ok, strict=True)
+            ]
+            out = out.append_column(pa.field(self.typed.name, self.typed.type), self.typed.column(texts))
         return out.cast(self.schema)
 
 

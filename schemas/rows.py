@@ -46,6 +46,9 @@ class ErrorCode(str, Enum):
     MEDIA_ACCESS_DENIED = "MEDIA_ACCESS_DENIED"  # the store refused the job's credentials (401/403)
     MEDIA_FETCH_TIMEOUT = "MEDIA_FETCH_TIMEOUT"  # every attempt timed out (media.remote_timeout_s)
     MEDIA_FETCH_FAILED = "MEDIA_FETCH_FAILED"  # throttled, 5xx or reset on every attempt; another HTTP error
+    INVALID_STRUCTURED = "INVALID_STRUCTURED"  # the row's input.columns.structured cell is not a valid spec
+    OUTPUT_TRUNCATED = "OUTPUT_TRUNCATED"  # a structured answer cut off by max_tokens (raw text kept)
+    OUTPUT_INVALID = "OUTPUT_INVALID"  # a structured answer that fails its check (raw text kept)
 
 
 class RowError(Exception):
@@ -118,10 +121,14 @@ PREPARED_SCHEMA = pa.schema(
         # > 0: `audios` holds this many overlapping windows of one clip, each its own request
         pa.field("audio_chunks", pa.int16()),
         pa.field("media_adjustments", pa.string()),
+        pa.field("structured", pa.string()),  # the row's StructuredSpec.to_json() (schemas.annotation)
     ]
     + SAMPLING_FIELDS
     + [pa.field("preprocess_s", pa.float32())]
 )
+
+# One choice's probability (confidence with structured.choice).
+CHOICE_PROB = pa.struct([("choice", pa.string()), ("prob", pa.float32())])
 
 # The public output contract. Changes are recorded in CHANGELOG.md.
 OUTPUT_SCHEMA = pa.schema(
@@ -142,8 +149,11 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("queue_s", pa.float32()),
         pa.field("engine_s", pa.float32()),
         pa.field("run_id", pa.string()),
+        pa.field("logprob_mean", pa.float32()),
+        pa.field("logprob_min", pa.float32()),
+        pa.field("choice_probs", pa.list_(CHOICE_PROB)),
     ],
-    metadata={"phi4mm_batch.output_schema_version": "2"},
+    metadata={"phi4mm_batch.output_schema_version": "3"},
 )
 
 OUTPUT_COLUMN_DOCS: dict[str, str] = {
@@ -151,10 +161,10 @@ OUTPUT_COLUMN_DOCS: dict[str, str] = {
     "status": "'ok' (text is the model's answer) or 'error' (error_code/error_message say why).",
     "error_code": "Stable code of the failure (schemas.rows.ErrorCode); null when ok.",
     "error_message": "What was wrong with the row and what to do about it; null when ok.",
-    "text": "Generated text; null for error rows.",
+    "text": "Generated text; null for error rows but OUTPUT_TRUNCATED / OUTPUT_INVALID (the raw answer).",
     "prompt_tokens": "Prompt length in tokens, text plus image/audio placeholders, as vLLM counted it.",
     "completion_tokens": "Generated tokens.",
-    "finish_reason": "'stop' (end token or stop string) or 'length' (hit max_tokens).",
+    "finish_reason": "'stop' (end token or stop string), 'length' (hit max_tokens) or 'repetition' (a loop, stopped).",
     "adapter": "LoRA adapter the row ran with: 'vision', 'speech' or null (text rows).",
     "model": "Model path or name the row ran on.",
     "num_images": "Images in the row.",
@@ -166,6 +176,9 @@ OUTPUT_COLUMN_DOCS: dict[str, str] = {
     "queue_s": "Seconds the row's request waited in the GPU actor before the engine admitted it.",
     "engine_s": "Seconds from submitting the row's request to its completion (queue_s included).",
     "run_id": "Id of the run that wrote the row (one per jobs.run invocation).",
+    "logprob_mean": "confidence: mean log-probability of the answer's tokens; null otherwise.",
+    "logprob_min": "confidence: lowest log-probability among the answer's tokens; null otherwise.",
+    "choice_probs": "confidence with structured.choice: [{choice, prob}] per choice, in the config's order.",
 }
 
 

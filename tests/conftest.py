@@ -20,6 +20,28 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_byte_model(tmp_path_factory) -> str:
+    """The tiny checkpoint with a byte-level tokenizer, which spells any text: constrained decoding
+    (structured outputs) has the tokens it needs (the word-level one cannot spell JSON or a choice)."""
+    from jobs.make_tiny_model import write_byte_tokenizer, write_tiny_checkpoint
+
+    out = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-phi4mm-bytes"), dynamic_hd=1)
+    write_byte_tokenizer(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_transformers_byte_model(tmp_path_factory) -> str:
+    """``tiny_transformers_model`` with the byte-level tokenizer of ``tiny_byte_model``."""
+    from jobs.make_tiny_model import write_byte_tokenizer
+    from jobs.transformers_model import write_tiny_transformers_checkpoint
+
+    out = write_tiny_transformers_checkpoint(tmp_path_factory.mktemp("tiny-phi4mm-transformers-bytes"))
+    write_byte_tokenizer(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def tiny_transformers_model(tmp_path_factory) -> str:
     """The same tiny model in transformers' layout (engine.backend: transformers), random weights saved."""
     from jobs.transformers_model import write_tiny_transformers_checkpoint

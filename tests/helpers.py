@@ -38,7 +38,10 @@ def make_config(tiny_model: str, tmp_path: Path, **sections):
         },
     }
     for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
+        if isinstance(values, dict) and isinstance(raw.get(section, {}), dict):
+            raw.setdefault(section, {}).update(values)
+        else:  # a top-level value such as confidence: true
+            raw[section] = values
     return JobConfig.model_validate(raw)
 
 

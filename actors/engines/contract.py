@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.annotation import StructuredSpec, parse_spec
 from schemas.job import JobConfig, SamplingConfig
 from schemas.model import PHI4MM, Adapter
 from schemas.sampling import RowSampling
@@ -50,6 +51,9 @@ class EngineRequest(BaseModel):
     alone: bool = Field(
         False, description="Run with nothing else in the engine (the row is suspected of crashing it)."
     )
+    structured: StructuredSpec | None = Field(
+        None, description="What the answer must be (schemas.annotation); None: free text."
+    )
 
     @classmethod
     def from_prepared(cls, row: dict, alone: bool = False) -> list[EngineRequest]:
@@ -62,6 +66,7 @@ class EngineRequest(BaseModel):
             adapter=row["adapter"],
             sampling=sampling,
             alone=alone,
+            structured=parse_spec(row["structured"]) if row.get("structured") else None,
         )
         audios = row["audios"] or []
         if not row["audio_chunks"]:
@@ -78,13 +83,19 @@ class EngineResult(BaseModel):
     prompt_tokens: int | None = Field(None, description="Prompt tokens as the engine counted them.")
     completion_tokens: int | None = Field(None, description="Generated tokens.")
     finish_reason: str | None = Field(
-        None, description="'stop' (end token or stop string) or 'length' (max_tokens reached)."
+        None,
+        description="'stop' (end token or stop string), 'length' (max_tokens reached) or 'repetition'.",
     )
     error: str | None = Field(
         None, description="Why the engine rejected or failed this one request; None when it succeeded."
     )
     queued_s: float | None = Field(None, description="Seconds from submission to admission into the engine.")
     engine_s: float | None = Field(None, description="Seconds from submission to completion.")
+    logprob_mean: float | None = Field(None, description="confidence: mean log-probability of the tokens.")
+    logprob_min: float | None = Field(None, description="confidence: lowest token log-probability.")
+    choice_probs: list[float] | None = Field(
+        None, description="confidence with a choice list: each choice's probability, in the list's order."
+    )
 
 
 def effective_sampling(defaults: SamplingConfig, row: RowSampling) -> SamplingConfig:

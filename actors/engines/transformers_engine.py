@@ -24,8 +24,11 @@ from pathlib import Path
 import torch
 
 from actors.engines.contract import EngineRequest, EngineResult, effective_sampling, warm_up
+from actors.engines.transformers_annotation import Grammars, Loops, StepLogprobs
 from actors.features import MASK_SIDE, crops_from_canvas, tensor_view
+from actors.output_check import logprob_summary
 from actors.tokens import audio_tokens_for_frames
+from schemas.annotation import CHOICE_LOGPROBS, first_loop, repetition_rule
 from schemas.job import JobConfig, SamplingConfig
 from schemas.model import PHI4MM
 
@@ -130,6 +133,9 @@ class Engine:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tokenizer.pad_token_id
+        self.loop_rule = repetition_rule(config)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.grammars = Grammars(self.tokenizer, vocab, sorted(self.eos_ids))  # structured outputs
         self._lock = threading.Lock()
         self._adapter: str | None = "unset"
         self._stats = _zero_stats()
@@ -173,7 +179,8 @@ class Engine:
             alone = (
                 i if request.alone else -1
             )  # a row suspected of crashing the engine runs in a batch of one
-            key = (request.adapter, route, _sampling_key(sampling), alone)
+            spec = request.structured.to_json() if request.structured else None  # one grammar per batch
+            key = (request.adapter, route, _sampling_key(sampling), spec, alone)
             todo.append((key, i, ids, sampling))
         todo.sort(key=lambda t: (str(t[0]), t[1]))
         size = self.config.engine.max_num_seqs
@@ -220,8 +227,19 @@ class Engine:
                 generation.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
             if sampling.ignore_eos:
                 generation["min_new_tokens"] = max_new
-            if sampling.stop:
-                generation["stopping_criteria"] = [_StopStrings(self.tokenizer, sampling.stop, longest)]
+            criteria = [_StopStrings(self.tokenizer, sampling.stop, longest)] if sampling.stop else []
+            if self.loop_rule is not None:
+                criteria.append(Loops(self.loop_rule, longest))
+            if criteria:
+                generation["stopping_criteria"] = criteria
+            spec = batch[0].structured
+            processors = [self.grammars.processor(spec)] if spec is not None else []
+            recorder = None
+            if self.config.confidence:  # last: it sees the grammar's mask and sampling's processors
+                recorder = StepLogprobs(CHOICE_LOGPROBS if spec is not None and spec.choice else 0)
+                processors.append(recorder)
+            if processors:
+                generation["logits_processor"] = processors
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             with torch.inference_mode():
@@ -231,6 +249,8 @@ class Engine:
                     **media_inputs(batch, self.device, self.dtype),
                     **generation,
                 )
+                if recorder is not None:
+                    recorder.finish(out)
             done = time.perf_counter()
             stats = self._stats
             stats["requests"] += len(batch)
@@ -238,10 +258,16 @@ class Engine:
             stats["busy_s"] += done - admitted
             stats["max_in_flight"] = max(stats["max_in_flight"], len(batch))
         new = out[:, longest:].tolist()
-        return [
-            self._result(tokens, len(prompt), c[3], admitted - called, done - called)
-            for tokens, prompt, c in zip(new, ids, chunk, strict=True)
-        ]
+        results = [
+            self._result(tokens, len(prompt), c[3], admitted - called, done - called,
+                         recorder.row(row) if recorder else None)
+            for row, (tokens, prompt, c) in enumerate(zip(new, ids, chunk, strict=True))
+        ]  # fmt: skip
+        if recorder is not None and spec is not None and spec.choice:
+            for row, (tokens, result) in enumerate(zip(new, results, strict=True)):
+                kept = tokens[: result.completion_tokens]
+                result.choice_probs = recorder.choice_probs(self.tokenizer, row, kept, spec.choice)
+        return results
 
     def _use_adapter(self, adapter: str | None) -> None:
         if adapter == self._adapter or not self.config.model.use_lora:
@@ -253,14 +279,21 @@ class Engine:
             self.model.set_adapter(adapter)
         self._adapter = adapter
 
-    def _result(self, tokens, prompt_tokens, sampling, queued_s, engine_s) -> EngineResult:
-        """A row's answer from its generated ids: cut at its own max_tokens, the end token or a stop string."""
+    def _result(self, tokens, prompt_tokens, sampling, queued_s, engine_s, logprobs=None) -> EngineResult:
+        """A row's answer from its generated ids: cut at its own max_tokens, the end token, a loop
+        (``repetition``) or a stop string."""
         tokens = tokens[: sampling.max_tokens]
         finish = "length"
         if not sampling.ignore_eos:
             end = next((k for k, t in enumerate(tokens) if t in self.eos_ids), None)
             if end is not None:
                 tokens, finish = tokens[: end + 1], "stop"
+        if self.loop_rule is not None:  # as vLLM: the end token or max_tokens win at the same step
+            looped = first_loop(tokens, self.loop_rule)
+            # a row the Loops criterion stopped ends right at its loop, short of max_tokens and an end token
+            cut_short = finish == "length" and len(tokens) < sampling.max_tokens
+            if looped is not None and (looped < len(tokens) or cut_short):
+                tokens, finish = tokens[:looped], "repetition"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         for k in range(1, len(tokens) + 1) if sampling.stop else ():
             prefix = self.tokenizer.decode(tokens[:k], skip_special_tokens=True)
@@ -275,6 +308,7 @@ class Engine:
             finish_reason=finish,
             queued_s=queued_s,
             engine_s=engine_s,
+            **_confidence(logprobs, len(tokens)),
         )
 
     def stats(self) -> dict:
@@ -295,6 +329,13 @@ class _StopStrings:
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+def _confidence(logprobs: list[float] | None, kept: int) -> dict:
+    if logprobs is None:
+        return {}
+    mean, low = logprob_summary(logprobs[:kept])
+    return {"logprob_mean": mean, "logprob_min": low}
 
 
 def _zero_stats() -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from actors.engines.adapters import lora_rank_of, resolve_adapters
 from actors.engines.contract import EngineRequest, EngineResult, effective_sampling, warm_up
+from actors.engines.vllm_annotation import annotation_params, confidence_of
 from actors.engines.vllm_loop import EngineLoop, LoopStats
 from actors.engines.vllm_plugin import PREPARED_ARCHITECTURE, register
 from actors.features import MASK_SIDE, tensor_view
@@ -42,6 +43,8 @@ def engine_kwargs(config: JobConfig, adapter_dirs: dict[Adapter, Path] | None = 
         enable_mm_embeds=True,
         limit_mm_per_prompt={"image": engine.max_images_per_row, "audio": engine.max_audios_per_row},
         mm_processor_kwargs={"dynamic_hd": engine.dynamic_hd},
+        # structured outputs (schemas.annotation): compact JSON, fewer tokens and no whitespace to loop on
+        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
     )
     if engine.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
@@ -121,6 +124,7 @@ class Engine:
             seed=s.seed,
             stop=list(s.stop) or None,
             ignore_eos=s.ignore_eos,
+            **annotation_params(self.config, request),
         )
 
     def generate(self, requests: list[EngineRequest]) -> list[EngineResult]:
@@ -133,10 +137,10 @@ class Engine:
                 continue
             lora = self.lora_requests.get(r.adapter) if r.adapter else None
             futures.append(self.loop.submit(engine_prompt(r), params, lora, alone=r.alone))
-        return [self._result(f) for f in futures]
+        return [self._result(f, r) for f, r in zip(futures, requests, strict=True)]
 
     @staticmethod
-    def _result(future) -> EngineResult:
+    def _result(future, request: EngineRequest) -> EngineResult:
         try:
             if isinstance(future, Exception):
                 raise future
@@ -151,6 +155,7 @@ class Engine:
             finish_reason=completion.finish_reason,
             queued_s=queued_s,
             engine_s=engine_s,
+            **confidence_of(completion, request),
         )
 
     def stats(self) -> dict:

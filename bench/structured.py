@@ -1,0 +1,135 @@
+"""What structured outputs cost: the project's vLLM engine (actors/engines/vllm_engine.py) on the tiny
+checkpoint with its byte-level tokenizer, free text against a choice list, a regex and a JSON schema.
+Writes bench/results/structured-<host>.json (``--out``: elsewhere).
+
+    python -m bench.structured [--rows N] [--rounds R] [--backend vllm|transformers]
+
+Each structured run is paired with a free-text run of the same answer length (ignore_eos, max_tokens the
+structured answers' mean), so the ratio is the grammar's cost per token, not a shorter answer's: the
+mask computed per step (xgrammar, on the CPU beside the model) and applied to the logits. The first
+request of each kind also compiles its grammar (``compile_ms``: one request alone, minus a free one's
+time). Medians of interleaved rounds; the ratio is each round's (both halves under the same machine load),
+its median and range. Runs on whatever device this machine has (CPU here); the tiny
+model's steps are cheap, so the grammar's share is larger here than beside a real model on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+from bench.report import write_report
+
+PROMPT = "<|user|>Label this review: the mug keeps coffee hot for hours.<|end|><|assistant|>"
+SPECS = {
+    "choice": {"choice": ["positive", "negative", "neutral"]},
+    "regex": {"regex": r"\d{4}-\d{2}-\d{2}"},
+    "json": {
+        "json_schema": {
+            "type": "object",
+            "properties": {
+                "colour": {"enum": ["red", "green", "blue", "black", "white", "other"]},
+                "for_children": {"type": "boolean"},
+                "material": {"enum": ["wood", "metal", "plastic", "fabric", "paper", "other"]},
+            },
+            "required": ["colour", "for_children", "material"],
+            "additionalProperties": False,
+        }
+    },
+}
+
+
+def engine_config(model: str, backend: str):
+    from schemas.job import JobConfig
+
+    vllm = backend == "vllm"
+    return JobConfig.model_validate({
+        "input": {"path": "unused.parquet"}, "output": {"path": "unused"},
+        "model": {"path": model, "load_format": "dummy" if vllm else "auto"},
+        "engine": {"backend": backend, "dtype": "float32", "max_model_len": 1024, "max_num_seqs": 64,
+                   "enforce_eager": True, "dynamic_hd": 1,
+                   "init_hook": "jobs.tiny_vision:shrink_siglip" if vllm else None},
+        "sampling": {"max_tokens": 96}, "repetition": {"enabled": False},  # free text runs its full length
+    })  # fmt: skip
+
+
+def timed(engine, requests) -> tuple[float, list]:
+    started = time.perf_counter()
+    results = engine.generate(requests)
+    return time.perf_counter() - started, results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=48, help="Requests per run (one generate call).")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from actors.engines import build_engine
+    from actors.engines.contract import EngineRequest
+    from actors.generate import run_init_hook
+    from actors.output_check import problem
+    from jobs.make_tiny_model import write_byte_tokenizer, write_tiny_checkpoint
+    from schemas.annotation import StructuredSpec
+    from schemas.sampling import RowSampling
+
+    if args.backend == "vllm":
+        model = write_tiny_checkpoint(tempfile.mkdtemp(prefix="tiny-phi4mm-"))
+    else:
+        from jobs.transformers_model import write_tiny_transformers_checkpoint
+
+        model = write_tiny_transformers_checkpoint(tempfile.mkdtemp(prefix="tiny-phi4mm-"))
+    write_byte_tokenizer(model)
+    config = engine_config(str(model), args.backend)
+    run_init_hook(config.engine.init_hook)
+    engine = build_engine(config)
+
+    def requests(kind: str | None, n: int, max_tokens: int | None = None) -> list:
+        spec = StructuredSpec(**SPECS[kind]) if kind else None
+        sampling = RowSampling(max_tokens=max_tokens) if max_tokens else RowSampling()
+        return [EngineRequest(prompt=PROMPT, structured=spec, sampling=sampling) for _ in range(n)]
+
+    figures: dict = {"rows": args.rows}
+    free_one, _ = timed(engine, requests(None, 1, 8))
+    # the first structured request of an engine also builds xgrammar's view of the vocabulary
+    setup_s, _ = timed(engine, [EngineRequest(prompt=PROMPT, structured=StructuredSpec(regex="a"))])
+    figures["grammar_backend_setup_ms"] = round(max(setup_s - free_one, 0.0) * 1000, 1)
+    for kind in SPECS:  # the first request of a kind compiles its grammar (cached for later ones)
+        first_s, _ = timed(engine, requests(kind, 1))
+        figures[f"{kind}.compile_ms"] = round(max(first_s - free_one, 0.0) * 1000, 1)
+    runs: dict[str, list] = {}
+    for _ in range(args.rounds):  # interleaved: each kind and its free pair see the same machine load
+        for kind in SPECS:
+            spec = StructuredSpec(**SPECS[kind])
+            wall, results = timed(engine, requests(kind, args.rows))
+            tokens = sum(r.completion_tokens for r in results)
+            valid = sum(problem(r.text, spec) is None and r.finish_reason == "stop" for r in results)
+            length = max(round(tokens / args.rows), 1)
+            free_wall, free = timed(
+                engine, [r.model_copy(update={"sampling": RowSampling(max_tokens=length)})
+                         for r in requests(None, args.rows)]
+            )  # fmt: skip
+            free_tokens = sum(r.completion_tokens for r in free)
+            runs.setdefault(kind, []).append((tokens / wall, free_tokens / free_wall, length, valid))
+    for kind, samples in runs.items():  # ratios paired within a round: both halves saw the same load
+        ratios = sorted(s[0] / s[1] for s in samples)
+        figures[f"{kind}.tokens_per_answer"] = samples[-1][2]
+        figures[f"{kind}.valid_answers"] = f"{min(s[3] for s in samples)}/{args.rows}"
+        figures[f"{kind}.tokens_per_s"] = round(statistics.median(s[0] for s in samples), 1)
+        figures[f"{kind}.free_text_same_length.tokens_per_s"] = round(
+            statistics.median(s[1] for s in samples), 1
+        )
+        figures[f"{kind}.ratio"] = round(statistics.median(ratios), 3)
+        figures[f"{kind}.ratio_range"] = f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+    write_report("structured", figures, args.out, device="cpu", backend=args.backend, args=vars(args))
+
+
+if __name__ == "__main__":
+    main()
