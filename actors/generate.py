@@ -20,8 +20,10 @@ from actors.attempts import QUARANTINE_AFTER, AttemptLedger, LocalAttemptLedger
 from actors.chunks import stitch_texts
 from actors.engines import build_engine
 from actors.engines.contract import EngineFactory, EngineRequest, EngineResult
+from actors.multitask import finish_row, run_task_rows
 from actors.output_check import verdict
 from schemas.job import JobConfig
+from schemas.multitask import TASK_PREFIX, TASK_RESULT
 from schemas.output import carried_names
 from schemas.rows import OUTPUT_SCHEMA, ErrorCode, Status, output_row_from_prepared
 
@@ -165,8 +167,15 @@ class GenerateRows:
         if normal:
             self._run(normal, prepared, rows, alone=False)
         self.ledger.report("generate", self.actor_key, self.engine.stats())
+        names = list(self.config.tasks or {})
+        for row, p in zip(rows, prepared, strict=True):
+            if names and TASK_PREFIX + names[0] not in row:  # error rows, quarantined rows
+                finish_row(row, p, {}, names)
         self._count(rows)
         out = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+        for name in names:
+            column = pa.array([row[TASK_PREFIX + name] for row in rows], type=TASK_RESULT)
+            out = out.append_column(pa.field(TASK_PREFIX + name, TASK_RESULT), column)
         for name in carried:
             out = out.append_column(name, batch.column(name))
         return out
@@ -187,6 +196,11 @@ class GenerateRows:
     def _run(self, indices: list[int], prepared: list[dict], rows: list[dict], alone: bool) -> None:
         # once per id: rows sharing an id (duplicates in the input) count one crash once, not once each
         ids = list(dict.fromkeys(prepared[i]["id"] for i in indices))
+        if self.config.tasks:
+            self.ledger.start(ids)
+            run_task_rows(self.engine, indices, prepared, rows, self.config, alone)
+            self.ledger.finish(ids)
+            return
         per_row = [EngineRequest.from_prepared(prepared[i], alone) for i in indices]
         self.ledger.start(ids)
         flat: list[EngineResult] = self.engine.generate([r for requests in per_row for r in requests])

@@ -39,6 +39,7 @@ from actors.media import (
     load_bytes,
     remote_media,
 )
+from actors.multitask import jobs_reads, task_entry
 from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of, task_instruction
 from actors.row_timer import RowTimer
 from actors.tokens import fitted_size, letterbox_size, num_audio_tokens, num_image_tokens
@@ -172,14 +173,24 @@ class PreprocessRows:
 
     def _prepare_into(self, row: dict, out: dict) -> None:
         cols, media_cfg, engine, task = self.columns, self.config.media, self.config.engine, self.config.task
-        reads = task.reads if task else "any"  # a task reads only the media it asks about
+        tasks = self.config.tasks
+        reads = task.reads if task else jobs_reads(tasks)  # a task reads only the media it asks about
         image_items = as_items(row.get(cols.image)) if cols.image and reads != "audio" else []
         audio_items = as_items(row.get(cols.audio)) if cols.audio and reads != "image" else []
-        user_text = row.get(cols.prompt) if cols.prompt and not task else None
-        instruction = None
+        user_text = row.get(cols.prompt) if cols.prompt and not (task or tasks) else None
+        instruction, instructions = None, {}
         if task:
-            self._check_task_media(image_items, audio_items)
+            self._check_task_media(task, image_items, audio_items)
             instruction = task_instruction(task, row)  # before decoding: a missing cell costs nothing
+        if tasks:  # a task that cannot run on this row is that task's error, not the row's
+            instructions = {
+                name: self._try_task(t, row, image_items, audio_items) for name, t in tasks.items()
+            }
+            good = [i for i in instructions.values() if isinstance(i, str)]
+            if not good:
+                out["tasks"] = [task_entry(name, error=e) for name, e in instructions.items()]
+                return
+            instruction = good[0]
         self._check_row_shape(image_items, audio_items, instruction or user_text)
         reduce_to = self._fitted_size if media_cfg.fast_jpeg_decode else None
         images = [
@@ -207,15 +218,25 @@ class PreprocessRows:
             for item in audio_items
         ]
         modality = modality_of(len(images), len(audios))
-        prompt = build_prompt(
-            instruction or instruction_for(user_text, modality, self.config.prompt),
-            len(images),
-            len(audios),
-            self.config.prompt.system,
-        )
+        # the same media tags first in every task's prompt: the engine's prefix and encoder caches are shared
+        prompts = {
+            name: build_prompt(i, len(images), len(audios), self.config.prompt.system)
+            for name, i in instructions.items()
+            if isinstance(i, str)
+        }
+        prompt = (
+            max(prompts.values(), key=len)
+            if prompts
+            else build_prompt(
+                instruction or instruction_for(user_text, modality, self.config.prompt),
+                len(images),
+                len(audios),
+                self.config.prompt.system,
+            )
+        )  # with tasks, the longest prompt decides whether images are downscaled to fit
         self._read_sampling(row, out)
         out["structured"] = self._read_structured(row)
-        budget = engine.max_model_len - (out["max_tokens"] or self.config.sampling.max_tokens)
+        budget = engine.max_model_len - (out["max_tokens"] or self._max_tokens())
         clips = [a.samples for a in audios]
         chunked = media_cfg.long_audio == "chunk" and not images and len(audios) == 1
         if chunked:
@@ -230,7 +251,7 @@ class PreprocessRows:
             images, downscaled = self._downscale_to_fit(prompt, images, clips, budget)
             out["media_adjustments"] = "; ".join(filter(None, [out["media_adjustments"], downscaled])) or None
             counts = [self._count(prompt, _sizes(images), clips)]
-        if max(counts) > budget:
+        if max(counts) > budget and not tasks:
             what = "its longest window takes" if chunked else "the prompt takes"
             raise RowError(
                 ErrorCode.PROMPT_TOO_LONG,
@@ -240,6 +261,14 @@ class PreprocessRows:
                 "media.long_audio: chunk, a lower max_tokens, or a larger max_model_len.",
             )
         adapter = PHI4MM.adapter_for(len(images), len(audios)) if self.config.model.use_lora else None
+        if tasks:
+            out["tasks"] = [
+                self._task_entry(
+                    name, prompts.get(name), instructions[name], images, clips, out["max_tokens"]
+                )
+                for name in tasks
+            ]
+            prompt, counts = None, [sum(t["prompt_tokens"] or 0 for t in out["tasks"])]
         out.update(
             prompt=prompt,
             images=[prepared_image(im, engine.dynamic_hd, f"#{n}") for n, im in enumerate(images, start=1)],
@@ -273,8 +302,35 @@ class PreprocessRows:
             out.append(letterbox(image, size))
         return out, "; ".join(notes) or None
 
-    def _check_task_media(self, image_items: list, audio_items: list) -> None:
-        task = self.config.task
+    def _max_tokens(self) -> int:
+        """The job's completion budget; with tasks, the largest task's (it decides downscaling)."""
+        job = self.config.sampling.max_tokens
+        return max((t.max_tokens or job for t in (self.config.tasks or {}).values()), default=job)
+
+    def _try_task(self, task, row: dict, image_items: list, audio_items: list) -> str | RowError:
+        """One task's instruction for the row, or the error that keeps the task from running on it."""
+        try:
+            self._check_task_media(task, image_items, audio_items)
+            return task_instruction(task, row)
+        except RowError as e:
+            return e
+
+    def _task_entry(self, name, prompt, instruction, images, clips, row_max_tokens) -> dict:
+        """A task's ``PREPARED_TASK``: its prompt and exact count, or its error (its own or too long)."""
+        if prompt is None:
+            return task_entry(name, error=instruction)
+        count = self._count(prompt, _sizes(images), clips)
+        max_tokens = row_max_tokens or self.config.tasks[name].max_tokens or self.config.sampling.max_tokens
+        if count + max_tokens > self.config.engine.max_model_len:
+            return task_entry(name, error=RowError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"the {name} task's prompt takes {count} tokens, and with max_tokens {max_tokens} that is over "
+                f"engine.max_model_len ({self.config.engine.max_model_len}). Try a lower tasks.{name}.max_tokens "
+                "or a larger max_model_len.",
+            ))  # fmt: skip
+        return task_entry(name, prompt=prompt, prompt_tokens=count)
+
+    def _check_task_media(self, task, image_items: list, audio_items: list) -> None:
         if task.reads != "any" and not (image_items if task.reads == "image" else audio_items):
             column = self.columns.image if task.reads == "image" else self.columns.audio
             raise RowError(

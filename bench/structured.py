@@ -16,12 +16,11 @@ model's steps are cheap, so the grammar's share is larger here than beside a rea
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
 
 from bench.report import write_report
+from bench.tiny import tiny_checkpoint
 
 PROMPT = "<|user|>Label this review: the mug keeps coffee hot for hours.<|end|><|assistant|>"
 SPECS = {
@@ -69,23 +68,16 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model = tiny_checkpoint(args.backend)
 
     from actors.engines import build_engine
     from actors.engines.contract import EngineRequest
     from actors.generate import run_init_hook
     from actors.output_check import problem
-    from jobs.make_tiny_model import write_byte_tokenizer, write_tiny_checkpoint
+    from jobs.make_tiny_model import write_byte_tokenizer
     from schemas.annotation import StructuredSpec
     from schemas.sampling import RowSampling
 
-    if args.backend == "vllm":
-        model = write_tiny_checkpoint(tempfile.mkdtemp(prefix="tiny-phi4mm-"))
-    else:
-        from jobs.transformers_model import write_tiny_transformers_checkpoint
-
-        model = write_tiny_transformers_checkpoint(tempfile.mkdtemp(prefix="tiny-phi4mm-"))
     write_byte_tokenizer(model)
     config = engine_config(str(model), args.backend)
     run_init_hook(config.engine.init_hook)

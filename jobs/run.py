@@ -173,6 +173,8 @@ def format_summary(summary: dict) -> str:
         )
     for code, n in summary["error_codes"].items():
         lines.append(f"    {code:<28} {n}")
+    for name, counts in summary.get("tasks", {}).items():
+        lines.append(f"  task {name:<20} " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     if looped := summary.get("finish_reasons", {}).get("repetition"):
         lines.append(
             f"  looped rows      {looped} stopped as loops (finish_reason repetition; see `repetition`)"

@@ -66,6 +66,7 @@ def _batches(config: JobConfig, plan: JobPlan, done_ids: pa.Array):
 
 def dry_run(config: JobConfig, plan: JobPlan, tokens_per_s: float | None = None) -> dict:
     """The dry run's report (see the module doc); ``tokens_per_s`` overrides the benchmark's rate."""
+    from actors.multitask import completion_budget
     from actors.preprocess import PreprocessRows
 
     started = time.perf_counter()
@@ -86,6 +87,7 @@ def dry_run(config: JobConfig, plan: JobPlan, tokens_per_s: float | None = None)
                     "prompt_tokens",
                     "max_tokens",
                     "audio_chunks",
+                    "tasks",
                 ]
             )
             .to_pylist()
@@ -97,7 +99,10 @@ def dry_run(config: JobConfig, plan: JobPlan, tokens_per_s: float | None = None)
             modality = _modality(row["num_images"], row["num_audios"])
             rows_by[modality] += 1
             tokens_by[modality] += row["prompt_tokens"]
-            completion += (row["max_tokens"] or config.sampling.max_tokens) * (row["audio_chunks"] or 1)
+            if config.tasks:  # each runnable task's budget, once per sample
+                completion += completion_budget(row, config)
+            else:
+                completion += (row["max_tokens"] or config.sampling.max_tokens) * (row["audio_chunks"] or 1)
     rate, source = (tokens_per_s, "--tokens-per-s") if tokens_per_s else (default_rate() or (None, None))
     total = sum(tokens_by.values()) + completion
     engines = pool_bounds(config.resources.generate.concurrency)[1]

@@ -46,6 +46,7 @@ from pipelines.ids import IdColumn, array_batches, id_strings, partition
 from pipelines.storage import filesystem_for, is_object_store
 from schemas.errors import JobError
 from schemas.job import OutputConfig
+from schemas.multitask import TASK_PREFIX
 from schemas.output import OutputShape
 
 logger = logging.getLogger(__name__)
@@ -316,6 +317,7 @@ class WriteStats:
     status: Counter = field(default_factory=Counter)
     error_codes: Counter = field(default_factory=Counter)
     finish_reasons: Counter = field(default_factory=Counter)  # 'repetition': rows stopped as loops
+    tasks: dict[str, Counter] = field(default_factory=dict)  # tasks: per task, 'ok' or an error code -> rows
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -325,6 +327,8 @@ class WriteStats:
         self.status.update(other.status)
         self.error_codes.update(other.error_codes)
         self.finish_reasons.update(other.finish_reasons)
+        for name, counts in other.tasks.items():
+            self.tasks.setdefault(name, Counter()).update(counts)
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
 
@@ -339,6 +343,13 @@ class WriteStats:
             status=counts("status"),
             error_codes=counts("error_code"),
             finish_reasons=counts("finish_reason"),
+            tasks={
+                n[len(TASK_PREFIX) :]: Counter(
+                    t["error_code"] or t["status"] for t in table.column(n).to_pylist() if t is not None
+                )
+                for n in table.column_names
+                if n.startswith(TASK_PREFIX)
+            },
             prompt_tokens=int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
             completion_tokens=int(pc.sum(table.column("completion_tokens")).as_py() or 0),
         )

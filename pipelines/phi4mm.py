@@ -141,7 +141,14 @@ def output_shape(config: JobConfig, plan: JobPlan) -> OutputShape:
     typed = None
     if asked and asked.json_schema is not None and asked.typed_column:
         typed = TypedColumn(asked.typed_column, json.dumps(asked.json_schema))
-    return OutputShape.of(config.output.column_names, config.output.carry_columns, plan.schema, media, typed)
+    return OutputShape.of(
+        config.output.column_names,
+        config.output.carry_columns,
+        plan.schema,
+        media,
+        typed,
+        tuple(config.tasks or ()),
+    )
 
 
 def parts_summary(names: list[str], shown: int = 3) -> dict[str, Any]:
@@ -237,6 +244,7 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         "status": dict(stats.status),
         "error_codes": dict(sorted(stats.error_codes.items())),
         "finish_reasons": dict(sorted(stats.finish_reasons.items())),
+        "tasks": {name: dict(sorted(counts.items())) for name, counts in sorted(stats.tasks.items())},
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "wall_s": round(wall_s, 2),

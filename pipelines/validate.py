@@ -30,6 +30,7 @@ from schemas.adapters import ADAPTERS, CONFIG_FILE, engine_lora_rank
 from schemas.errors import JobError
 from schemas.job import JobConfig, ModelConfig
 from schemas.model import PHI4MM, Adapter
+from schemas.task import TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ def check_input_columns(config: JobConfig, schema: pa.Schema) -> None:
             "Try input.columns.id with the name of a unique key column."
         )
     content = [c for c in (cols.image, cols.audio, cols.prompt) if c]
-    if not any(c in names for c in content):
+    # a task's template may read text columns only: the task checks below name what it needs
+    if not any(c in names for c in content) and not (config.task or config.tasks):
         raise JobError(
             f"input {config.input.path} has none of the columns {content} (columns: {sorted(names)}). "
             "Try setting input.columns.image / audio / prompt to the names your data uses."
@@ -222,7 +224,9 @@ def check_input_columns(config: JobConfig, schema: pa.Schema) -> None:
         if c not in names:
             logger.info("input has no %r column; treating it as empty", c)
     if config.task:
-        check_task_columns(config, names)
+        check_task_columns(config.task, "task", config, names)
+    for name, task in (config.tasks or {}).items():
+        check_task_columns(task, f"tasks.{name}", config, names)
     if missing := [c for c in config.output.carry_columns if c not in names]:
         raise JobError(
             f"output.carry_columns names {missing}, which the input {config.input.path} lacks (columns: "
@@ -230,19 +234,20 @@ def check_input_columns(config: JobConfig, schema: pa.Schema) -> None:
         )
 
 
-def check_task_columns(config: JobConfig, names: set[str]) -> None:
-    """The columns the task reads: its media column configured and present, its template's columns present."""
-    task, cols = config.task, config.input.columns
+def check_task_columns(task: TaskConfig, key: str, config: JobConfig, names: set[str]) -> None:
+    """The columns a task (the config section ``key``) reads: its media column configured and present, its
+    template's columns present."""
+    cols = config.input.columns
     if task.reads != "any":
         column = getattr(cols, task.reads)
         if not column or column not in names:
             raise JobError(
-                f"task.preset {task.preset} reads the {task.reads} column, but input.columns.{task.reads} is "
+                f"{key}.preset {task.preset} reads the {task.reads} column, but input.columns.{task.reads} is "
                 f"{column!r} and the input's columns are {sorted(names)}. Try input.columns.{task.reads} with "
                 "the name your data uses."
             )
     if missing := [c for c in task.row_columns if c not in names]:
-        what = "task.question_column" if task.preset == "vqa" and not task.template else "task.template"
+        what = f"{key}.question_column" if task.preset == "vqa" and not task.template else f"{key}.template"
         raise JobError(
             f"{what} reads the input column(s) {missing}, which the input {config.input.path} lacks (columns: "
             f"{sorted(names)}). Try the names your data uses."

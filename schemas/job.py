@@ -15,6 +15,7 @@ from schemas.adapters import AdaptersConfig
 from schemas.annotation import RepetitionConfig, StructuredConfig, check_annotation
 from schemas.errors import JobError
 from schemas.model import PHI4MM
+from schemas.multitask import TaskSpec, check_tasks
 from schemas.rows import OUTPUT_SCHEMA
 from schemas.sampling import MaxTokens, RowSampling, Seed, StopStrings, Temperature, TopP
 from schemas.task import TaskConfig
@@ -670,6 +671,13 @@ class JobConfig(_Strict):
             "prompt.default_*."
         ),
     )
+    tasks: dict[str, TaskSpec] | None = Field(
+        None,
+        description=(
+            "Several tasks per row in one pass, name -> the task section's fields plus structured, max_tokens "
+            "and n (schemas/multitask.py); each is an output struct column of that name. Not with task."
+        ),
+    )
     structured: StructuredConfig | None = Field(
         None,
         description="Constrain every answer to a JSON schema, a choice list or a regex (schemas/annotation.py).",
@@ -689,6 +697,7 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _check_combinations(self) -> JobConfig:
         check_annotation(self)
+        check_tasks(self)
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens ({self.sampling.max_tokens}) leaves no room for the prompt in "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from schemas.annotation import JsonArrow
+from schemas.multitask import TASK_PREFIX, TASK_RESULT
 from schemas.rows import MEDIA_STRUCT, OUTPUT_SCHEMA, Status
 
 HF_METADATA_KEY = b"huggingface"  # where datasets keeps its features in a Parquet file's schema
@@ -93,6 +94,7 @@ class OutputShape:
     column_names: dict[str, str] = field(default_factory=dict)
     carried: tuple[Carried, ...] = ()
     typed: TypedColumn | None = None
+    tasks: tuple[str, ...] = ()  # the job's tasks: one TASK_RESULT struct column each, named after it
 
     @classmethod
     def of(
@@ -102,6 +104,7 @@ class OutputShape:
         input_schema: pa.Schema,
         media: dict,
         typed: TypedColumn | None = None,
+        tasks: tuple[str, ...] = (),
     ) -> OutputShape:
         """``media``: input column name -> "Image" / "Audio" for the job's media columns: a carried one in
         datasets' struct<bytes, path> layout reads back as that feature when the input declares none."""
@@ -113,7 +116,7 @@ class OutputShape:
             if feature is None and arrow == MEDIA_STRUCT and name in media:
                 feature = {"_type": media[name]}
             carried.append(Carried(name, arrow, feature))
-        return cls(dict(column_names), tuple(carried), typed)
+        return cls(dict(column_names), tuple(carried), typed, tuple(tasks))
 
     def name(self, column: str) -> str:
         return self.column_names.get(column, column)
@@ -129,6 +132,9 @@ class OutputShape:
         if self.typed is not None:
             fields.append(pa.field(self.typed.name, self.typed.type))
             features[self.typed.name] = hf_feature(self.typed.type)
+        for name in self.tasks:
+            fields.append(pa.field(name, TASK_RESULT))
+            features[name] = hf_feature(TASK_RESULT)
         hf = {"info": {"features": features}}
         return pa.schema(
             fields, metadata={**OUTPUT_SCHEMA.metadata, HF_METADATA_KEY: json.dumps(hf).encode()}
@@ -148,6 +154,10 @@ class OutputShape:
                 t if good else None for t, good in zip(table.column("text").to_pylist(), ok, strict=True)
             ]
             out = out.append_column(pa.field(self.typed.name, self.typed.type), self.typed.column(texts))
+        for name in self.tasks:
+            out = out.append_column(
+                pa.field(name, TASK_RESULT), table.column(TASK_PREFIX + name).cast(TASK_RESULT)
+            )
         return out.cast(self.schema)
 
 

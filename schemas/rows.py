@@ -11,6 +11,7 @@ from enum import Enum
 
 import pyarrow as pa
 
+from schemas.multitask import PREPARED_TASK
 from schemas.sampling import RowSampling
 
 
@@ -49,6 +50,9 @@ class ErrorCode(str, Enum):
     INVALID_STRUCTURED = "INVALID_STRUCTURED"  # the row's input.columns.structured cell is not a valid spec
     OUTPUT_TRUNCATED = "OUTPUT_TRUNCATED"  # a structured answer cut off by max_tokens (raw text kept)
     OUTPUT_INVALID = "OUTPUT_INVALID"  # a structured answer that fails its check (raw text kept)
+    TASKS_FAILED = (
+        "TASKS_FAILED"  # tasks: one or more of the row's tasks failed (each task's struct says why)
+    )
 
 
 class RowError(Exception):
@@ -122,6 +126,7 @@ PREPARED_SCHEMA = pa.schema(
         pa.field("audio_chunks", pa.int16()),
         pa.field("media_adjustments", pa.string()),
         pa.field("structured", pa.string()),  # the row's StructuredSpec.to_json() (schemas.annotation)
+        pa.field("tasks", pa.list_(PREPARED_TASK)),  # tasks: each task's prompt and count, or its error
     ]
     + SAMPLING_FIELDS
     + [pa.field("preprocess_s", pa.float32())]
@@ -153,17 +158,20 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("logprob_min", pa.float32()),
         pa.field("choice_probs", pa.list_(CHOICE_PROB)),
     ],
-    metadata={"phi4mm_batch.output_schema_version": "3"},
+    metadata={"phi4mm_batch.output_schema_version": "4"},
 )
 
 OUTPUT_COLUMN_DOCS: dict[str, str] = {
     "id": "The input row's id, copied verbatim.",
-    "status": "'ok' (text is the model's answer) or 'error' (error_code/error_message say why).",
+    "status": "'ok' (text is the model's answer) or 'error' (error_code/error_message say why). "
+    "With tasks: 'ok' when every task is, else TASKS_FAILED (each task's struct column says why).",
     "error_code": "Stable code of the failure (schemas.rows.ErrorCode); null when ok.",
     "error_message": "What was wrong with the row and what to do about it; null when ok.",
-    "text": "Generated text; null for error rows but OUTPUT_TRUNCATED / OUTPUT_INVALID (the raw answer).",
-    "prompt_tokens": "Prompt length in tokens, text plus image/audio placeholders, as vLLM counted it.",
-    "completion_tokens": "Generated tokens.",
+    "text": "Generated text; null for error rows but OUTPUT_TRUNCATED / OUTPUT_INVALID (the raw answer), "
+    "and with tasks (each task's struct column holds its text).",
+    "prompt_tokens": "Prompt length in tokens, text plus image/audio placeholders, as vLLM counted it; with tasks "
+    "the sum over the row's tasks.",
+    "completion_tokens": "Generated tokens (with tasks: the sum over the row's tasks and samples).",
     "finish_reason": "'stop' (end token or stop string), 'length' (hit max_tokens) or 'repetition' (a loop, stopped).",
     "adapter": "LoRA adapter the row ran with: 'vision', 'speech' or null (text rows).",
     "model": "Model path or name the row ran on.",

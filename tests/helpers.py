@@ -86,3 +86,17 @@ def write_adapter(folder: Path, weights: bytes = b"w" * 100, **config) -> Path:
     (folder / "adapter_config.json").write_text(json.dumps(cfg | config))
     (folder / "adapter_model.safetensors").write_bytes(weights)
     return folder
+
+
+def tiny_overrides(base, tmp_path: Path) -> dict:
+    """``JobConfig.from_yaml`` overrides that run an example YAML on ``base``'s tiny sections: input and
+    output under ``tmp_path`` (media from jobs/sample_media), the tiny model, engine, pools and budget."""
+    return {
+        "input.path": str(tmp_path / "in.parquet"),
+        "input.media_root": str(MEDIA),
+        "output.path": str(tmp_path / "out"),
+        "model": base.model.model_dump(),
+        "engine": base.engine.model_dump(),
+        "resources": base.resources.model_dump(),
+        "sampling.max_tokens": base.sampling.max_tokens,
+    }

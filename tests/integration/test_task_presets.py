@@ -15,7 +15,7 @@ from actors.preprocess import PreprocessRows
 from schemas.job import JobConfig
 from schemas.output import OutputShape
 from schemas.rows import MEDIA_STRUCT
-from tests.helpers import MEDIA, REPO, make_config
+from tests.helpers import MEDIA, REPO, make_config, tiny_overrides
 
 PRESET_FILES = sorted((REPO / "jobs" / "configs").glob("task_*.yaml"))
 
@@ -73,18 +73,7 @@ def test_there_is_a_yaml_for_every_preset():
 @pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)
 def test_preset_yaml_runs_on_the_tiny_model(path, tiny, tmp_path):
     base, engine = tiny
-    config = JobConfig.from_yaml(
-        path,
-        {
-            "input.path": str(tmp_path / "in.parquet"),
-            "input.media_root": str(MEDIA),
-            "output.path": str(tmp_path / "out"),
-            "model": base.model.model_dump(),
-            "engine": base.engine.model_dump(),
-            "resources": base.resources.model_dump(),
-            "sampling.max_tokens": base.sampling.max_tokens,
-        },
-    )
+    config = JobConfig.from_yaml(path, tiny_overrides(base, tmp_path))
     task = config.task
     prepared = PreprocessRows(config)(_rows())
     generated = GenerateRows(config, run_id="presets", engine_factory=lambda _: engine)(prepared)

@@ -250,3 +250,15 @@ def test_the_cli_prints_one_line_and_nothing_else(job):
         and "model.max_lora_rank" in proc.stderr
         and "Traceback" not in proc.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "sections, needles",
+    [
+        ({"task": {"preset": "ocr"}, "tasks": {"t": {"preset": "ocr"}}}, ["task and tasks"]),
+        ({"tasks": {"status": {"preset": "ocr"}}}, ["tasks.status", "already an output column"]),
+        ({"tasks": {"t": {"preset": "custom", "template": "About {title}."}}}, ["tasks.t.template", "title"]),
+    ],
+)
+def test_a_bad_tasks_section_is_one_line(job, capsys, sections, needles):
+    _fails(job, capsys, ["--config", job.config(**sections)], *needles)
