@@ -21,7 +21,7 @@ from actors.chunks import stitch_texts
 from actors.engines import build_engine
 from actors.engines.contract import EngineFactory, EngineRequest, EngineResult
 from actors.multitask import finish_row, run_task_rows
-from actors.output_check import verdict
+from actors.output_check import choice_probs, verdict
 from schemas.job import JobConfig
 from schemas.multitask import TASK_PREFIX, TASK_RESULT
 from schemas.output import carried_names
@@ -232,10 +232,7 @@ class GenerateRows:
             spec = requests[0].structured
             if spec is None:
                 continue
-            if result.choice_probs is not None and spec.choice is not None:
-                row["choice_probs"] = [
-                    {"choice": c, "prob": p} for c, p in zip(spec.choice, result.choice_probs, strict=True)
-                ]
+            row["choice_probs"] = choice_probs(spec, result.choice_probs)
             if (wrong := verdict(result.text, result.finish_reason, spec)) is not None:
                 code, message = wrong
                 row.update(status=Status.ERROR.value, error_code=code.value, error_message=message)

@@ -8,7 +8,7 @@ requests alike, and vLLM's prefix cache serves the repeats' prompt. Pure functio
 from __future__ import annotations
 
 from actors.engines.contract import EngineRequest, EngineResult
-from actors.output_check import verdict
+from actors.output_check import choice_probs, verdict
 from schemas.multitask import TASK_PREFIX
 from schemas.rows import ErrorCode, RowError, Status
 from schemas.sampling import RowSampling
@@ -89,6 +89,7 @@ def task_struct(spec, results: list[EngineResult]) -> dict:
         "completion_tokens": sum(r.completion_tokens or 0 for r in results),
         "logprob_mean": first.logprob_mean,
         "logprob_min": first.logprob_min,
+        "choice_probs": choice_probs(spec.structured, first.choice_probs),
         "samples": [r.text for r in results] if spec.n > 1 else None,
     }
     if spec.structured is not None and (wrong := verdict(first.text, first.finish_reason, spec.structured)):

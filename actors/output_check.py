@@ -33,9 +33,11 @@ def problem(text: str, spec: StructuredSpec) -> str | None:
         return None if re.fullmatch(spec.regex, text) else f"{text[:80]!r} does not fully match the regex"
     try:
         value = json.loads(text)
+        error = next(iter(_validator(json.dumps(spec.json_schema, sort_keys=True)).iter_errors(value)), None)
     except ValueError as e:
         return f"not JSON ({e})"
-    error = next(iter(_validator(json.dumps(spec.json_schema, sort_keys=True)).iter_errors(value)), None)
+    except RecursionError:  # the parser and the validator recurse per level: an answer must not end the batch
+        return "JSON nested too deeply to parse or check"
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path) or "top level"
@@ -94,3 +96,10 @@ def choice_probabilities(
             break
         prefix, path = prefix + sampled, path + advance
     return [min(p, 1.0) for p in probs]
+
+
+def choice_probs(spec: StructuredSpec | None, probs: list[float] | None) -> list[dict] | None:
+    """The output's ``choice_probs`` ([{choice, prob}], in the config's order) from an engine's figures."""
+    if spec is None or spec.choice is None or probs is None:
+        return None
+    return [{"choice": c, "prob": p} for c, p in zip(spec.choice, probs, strict=True)]

@@ -24,7 +24,7 @@ from pipelines.io import committed_ids
 from pipelines.storage import redact
 from pipelines.validate import JobPlan
 from schemas.job import JobConfig, pool_bounds
-from schemas.rows import Status
+from schemas.rows import ErrorCode, Status
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu-cuda-h200.json"
 MODALITIES = ("text", "image", "audio", "image_audio")
@@ -92,6 +92,9 @@ def dry_run(config: JobConfig, plan: JobPlan, tokens_per_s: float | None = None)
             )
             .to_pylist()
         ):
+            if config.tasks and row["status"] == Status.OK.value and not completion_budget(row, config):
+                # no task can run on the row (each has its own error): the run writes it as TASKS_FAILED
+                row.update(status=Status.ERROR.value, error_code=ErrorCode.TASKS_FAILED.value)
             status[row["status"]] += 1
             if row["status"] != Status.OK.value:
                 codes[row["error_code"]] += 1

@@ -47,6 +47,9 @@ class TaskSpec(TaskConfig):
     )
 
 
+# A choice's probability: the output's choice_probs items, a row's (schemas.rows) as a task's.
+CHOICE_PROB = pa.struct([("choice", pa.string()), ("prob", pa.float32())])
+
 # One task's answer for one row: its own status, the engine's figures, and its samples when n > 1.
 TASK_RESULT = pa.struct(
     [
@@ -59,6 +62,7 @@ TASK_RESULT = pa.struct(
         pa.field("completion_tokens", pa.int32()),
         pa.field("logprob_mean", pa.float32()),
         pa.field("logprob_min", pa.float32()),
+        pa.field("choice_probs", pa.list_(CHOICE_PROB)),
         pa.field("samples", pa.list_(pa.string())),
     ]
 )

@@ -80,7 +80,7 @@ class TypedColumn:
         for text in texts:
             try:
                 values.append(None if text is None else convert.value(json.loads(text)))
-            except ValueError:
+            except (ValueError, OverflowError, RecursionError):  # never let one answer stop the writer
                 values.append(None)
         return pa.array(values, type=convert.type)
 

@@ -11,7 +11,7 @@ from enum import Enum
 
 import pyarrow as pa
 
-from schemas.multitask import PREPARED_TASK
+from schemas.multitask import CHOICE_PROB, PREPARED_TASK
 from schemas.sampling import RowSampling
 
 
@@ -133,7 +133,6 @@ PREPARED_SCHEMA = pa.schema(
 )
 
 # One choice's probability (confidence with structured.choice).
-CHOICE_PROB = pa.struct([("choice", pa.string()), ("prob", pa.float32())])
 
 # The public output contract. Changes are recorded in CHANGELOG.md.
 OUTPUT_SCHEMA = pa.schema(

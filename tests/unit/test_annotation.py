@@ -103,6 +103,14 @@ def test_answers_are_checked_against_what_was_asked(spec, text, finish, code):
         assert "raw text kept" in got[1] and "Try " in got[1]
 
 
+def test_an_answer_nested_too_deeply_is_an_invalid_row_not_a_crash():
+    deep = "[" * 5000 + "]" * 5000  # Python's parser recurses per level
+    got = verdict(deep, "stop", StructuredSpec(json_schema={"type": "array"}))
+    assert got[0] == ErrorCode.OUTPUT_INVALID and "nested too deeply" in got[1]
+    column = TypedColumn("t", json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}}))
+    assert column.column([deep, '{"n": 1e400}', '{"n": 3}']).to_pylist() == [None, {"n": None}, {"n": 3}]
+
+
 def test_problem_names_where_the_json_is_off():
     assert "label" in problem('{"label": 3}', StructuredSpec(json_schema=SCHEMA))
 

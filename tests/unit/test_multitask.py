@@ -2,14 +2,15 @@
 request expansion and merge (a stand-in engine), the output's struct columns. Real engines: tests/integration."""
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
 from actors.engines.contract import EngineResult
 from actors.generate import GenerateRows
-from actors.multitask import completion_budget
+from actors.multitask import completion_budget, task_struct
 from actors.preprocess import PreprocessRows
-from schemas.multitask import TASK_PREFIX, TASK_RESULT
+from schemas.multitask import TASK_PREFIX, TASK_RESULT, TaskSpec
 from schemas.output import OutputShape
 from schemas.rows import MEDIA_STRUCT, OUTPUT_SCHEMA
 from tests.helpers import MEDIA, make_config
@@ -163,3 +164,27 @@ def test_the_dry_runs_completion_budget_counts_each_runnable_task_and_sample(sta
     prepared = {r["id"]: r for r in pre(_text_rows()).to_pylist()}
     # summary 8 (the job's), tags 4 twice, label 8; row b cannot run tags, row c nothing
     assert [completion_budget(prepared[k], cfg) for k in "abc"] == [8 + 4 * 2 + 8, 8 + 8, 0]
+
+
+def test_the_dry_run_counts_a_row_no_task_can_run_as_tasks_failed(stages):
+    # such a row leaves the CPU stage ok with no prompt tokens; the run writes it as TASKS_FAILED
+    from pipelines.dry_run import dry_run
+    from pipelines.validate import validate_job
+
+    cfg, _, _ = stages
+    pq.write_table(_text_rows(), cfg.input.path)
+    report = dry_run(cfg, validate_job(cfg), tokens_per_s=1000.0)
+    assert report["status"] == {"ok": 3, "error": 1} and report["error_codes"] == {"TASKS_FAILED": 1}
+
+
+def test_a_choice_tasks_struct_carries_each_choices_probability():
+    spec = TaskSpec(preset="custom", template="which?", structured={"choice": ["yes", "no"]})
+    answer = EngineResult(text="yes", prompt_tokens=5, completion_tokens=2, finish_reason="stop")
+    scored = answer.model_copy(update={"choice_probs": [0.75, 0.25]})
+    assert task_struct(spec, [scored])["choice_probs"] == [
+        {"choice": "yes", "prob": 0.75},
+        {"choice": "no", "prob": 0.25},
+    ]
+    assert task_struct(spec, [answer])["choice_probs"] is None  # confidence off: no figures
+    struct = pa.array([task_struct(spec, [scored])], type=TASK_RESULT)[0].as_py()
+    assert struct["choice_probs"][0] == {"choice": "yes", "prob": 0.75} and struct["status"] == "ok"
