@@ -338,17 +338,22 @@ class WriteStats:
             values = table.column(column).drop_null().to_pylist()
             return Counter(values)
 
+        answers = {  # tasks: each task's answers (a row's own finish_reason is null then)
+            n[len(TASK_PREFIX) :]: [t for t in table.column(n).to_pylist() if t is not None]
+            for n in table.column_names
+            if n.startswith(TASK_PREFIX)
+        }
+        finish_reasons = counts("finish_reason")
+        for structs in answers.values():
+            finish_reasons.update(t["finish_reason"] for t in structs if t["finish_reason"] is not None)
         return cls(
             rows=table.num_rows,
             status=counts("status"),
             error_codes=counts("error_code"),
-            finish_reasons=counts("finish_reason"),
+            finish_reasons=finish_reasons,
             tasks={
-                n[len(TASK_PREFIX) :]: Counter(
-                    t["error_code"] or t["status"] for t in table.column(n).to_pylist() if t is not None
-                )
-                for n in table.column_names
-                if n.startswith(TASK_PREFIX)
+                name: Counter(t["error_code"] or t["status"] for t in structs)
+                for name, structs in answers.items()
             },
             prompt_tokens=int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
             completion_tokens=int(pc.sum(table.column("completion_tokens")).as_py() or 0),

@@ -188,3 +188,22 @@ def test_a_choice_tasks_struct_carries_each_choices_probability():
     assert task_struct(spec, [answer])["choice_probs"] is None  # confidence off: no figures
     struct = pa.array([task_struct(spec, [scored])], type=TASK_RESULT)[0].as_py()
     assert struct["choice_probs"][0] == {"choice": "yes", "prob": 0.75} and struct["status"] == "ok"
+
+
+def test_the_summary_counts_each_tasks_finish_reason_looped_answers_included():
+    from pipelines.io import WriteStats
+
+    def answer(reason):
+        return {"status": "ok", "text": "x", "finish_reason": reason}
+
+    rows = [
+        {f.name: None for f in OUTPUT_SCHEMA}
+        | {"id": str(i), "status": "ok", TASK_PREFIX + "a": answer(a), TASK_PREFIX + "b": answer(b)}
+        for i, (a, b) in enumerate([("stop", "repetition"), ("repetition", "length")])
+    ]
+    schema = OUTPUT_SCHEMA.append(pa.field(TASK_PREFIX + "a", TASK_RESULT)).append(
+        pa.field(TASK_PREFIX + "b", TASK_RESULT)
+    )
+    stats = WriteStats.of_table(pa.Table.from_pylist(rows, schema))
+    assert stats.finish_reasons == {"stop": 1, "repetition": 2, "length": 1}  # rows' own are null with tasks
+    assert stats.tasks == {"a": {"ok": 2}, "b": {"ok": 2}}
