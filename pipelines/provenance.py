@@ -85,19 +85,26 @@ def checkpoint_hashes(model_path: str) -> dict:
     }
 
 
-def adapters_in_use(config: JobConfig, dirs: dict[str, Path]) -> dict:
+def adapters_in_use(config: JobConfig, dirs: dict[str, Path], checkpoint: dict) -> dict:
     """Each adapter the run applied: where it came from (``model.adapters`` or the checkpoint) and the sha256
-    of its local folder (``dirs``: validation's, remote ones as copied to this node); {} without LoRA."""
+    of its local folder (``dirs``: validation's, remote ones as copied to this node; the checkpoint's own
+    taken from ``checkpoint_hashes``, not hashed twice); {} without LoRA."""
     if not config.model.use_lora:
         return {}
     custom = config.model.adapters.custom()
+
+    def sha256(name: str) -> str | None:
+        if name not in custom and checkpoint["adapters_sha256"].get(name):
+            return checkpoint["adapters_sha256"][name]
+        return tree_hash(dirs[name]) if name in dirs else None
+
     return {
         name: {
             "source": redact(
                 custom.get(name) or f"{config.model.path.rstrip('/')}/{PHI4MM.adapter_dir(name)}"
             ),
             "custom": name in custom,
-            "sha256": tree_hash(dirs[name]) if name in dirs else None,
+            "sha256": sha256(name),
         }
         for name in ("vision", "speech")
     }
@@ -107,11 +114,12 @@ def provenance(
     config: JobConfig, devices: dict[str, dict] | None = None, adapter_dirs: dict | None = None
 ) -> dict:
     gpu_actors = devices or {}
+    checkpoint = checkpoint_hashes(config.model.path)
     return {
         "versions": versions(),
         "config_sha256": config_hash(config),
-        "checkpoint": checkpoint_hashes(config.model.path),
-        "adapters": adapters_in_use(config, adapter_dirs or {}),
+        "checkpoint": checkpoint,
+        "adapters": adapters_in_use(config, adapter_dirs or {}, checkpoint),
         "driver": {"host": socket.gethostname(), "platform": platform.platform()},
         "gpu_actors": gpu_actors,
         "devices": sorted({d.get("device", "unknown") for d in gpu_actors.values()}),

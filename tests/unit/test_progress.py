@@ -135,3 +135,11 @@ def test_provenance_hashes_the_config_and_checkpoint_and_names_versions(tiny_mod
     record = provenance(config, {"h:1": {"host": "gpu-node-1", "device": "NVIDIA H200"}})
     assert record["devices"] == ["NVIDIA H200"] and record["hosts"] == ["gpu-node-1"]
     assert record["checkpoint"]["path"] == tiny_model and json.dumps(record)
+    from actors.engines.adapters import resolve_adapters
+    from pipelines.provenance import tree_hash
+
+    dirs = resolve_adapters(config.model)  # the checkpoint's own: their hash is the checkpoint's, reused
+    in_use = provenance(config, None, dirs)["adapters"]
+    assert in_use["speech"] == {"source": f"{tiny_model}/speech-lora", "custom": False,
+                                "sha256": tree_hash(dirs["speech"])}  # fmt: skip
+    assert in_use["vision"]["sha256"] == record["checkpoint"]["adapters_sha256"]["vision"]
