@@ -391,15 +391,22 @@ class PreprocessRows:
         if cell is None:
             return self.structured.to_json() if self.structured else None
         try:
-            spec = json.loads(cell) if isinstance(cell, str) else cell
-            return StructuredSpec.model_validate(spec).to_json()
+            spec = StructuredSpec.model_validate(json.loads(cell) if isinstance(cell, str) else cell)
         except (ValueError, ValidationError) as e:
             reason = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
             raise RowError(
                 ErrorCode.INVALID_STRUCTURED,
-                f"column {column!r} holds {cell!r:.200}: {reason}. Try a JSON object with one of json_schema, "
-                "choice or regex, or null for the job's structured.",
+                f"column {column!r} holds {cell!r:.200}: {reason}. Try a JSON object with one of json_schema "
+                "or choice, or null for the job's structured.",
             ) from None
+        if spec.regex is not None:  # rows are untrusted: a pattern such as (a+)+b stalls Python's re
+            raise RowError(
+                ErrorCode.INVALID_STRUCTURED,
+                f"column {column!r} asks a regex: a row's pattern would run in Python's backtracking re when "
+                "the answer is checked, where a hostile one can stall the stage. Try structured.regex in the "
+                "job's config, or a choice list or json_schema in the cell.",
+            )
+        return spec.to_json()
 
     def _read_sampling(self, row: dict, out: dict) -> None:
         """The row's sampling columns, validated with the engine contract's ``RowSampling``."""

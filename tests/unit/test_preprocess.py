@@ -236,3 +236,24 @@ def test_image_aspect_pad_letterboxes_slivers_instead_of_rejecting(tiny_model, t
     canvas = np.frombuffer(image["canvas"], np.uint8).reshape(image["height"], image["width"], 3)
     fitted_height = fitted_size(width, height, 4)[1][1]
     assert (canvas[0] == 255).all() and not (canvas[fitted_height // 2] == 255).all()  # centred, padded white
+
+
+def test_a_rows_structured_cell_may_ask_a_schema_or_choices_but_not_a_regex(tiny_model, tmp_path):
+    import json
+
+    config = make_config(
+        tiny_model, tmp_path, input={"columns": {"image": None, "audio": None, "structured": "ask"}}
+    )
+    cells = {"choice": json.dumps({"choice": ["yes", "no"]}), "regex": json.dumps({"regex": "(a+)+b"}),
+             "none": None}  # fmt: skip
+    table = pa.table({"id": list(cells), "prompt": ["hi"] * 3, "ask": list(cells.values())})
+    rows = {r["id"]: r for r in PreprocessRows(config)(table).to_pylist()}
+    assert rows["choice"]["status"] == "ok" and json.loads(rows["choice"]["structured"])["choice"] == [
+        "yes",
+        "no",
+    ]
+    assert rows["none"]["status"] == "ok" and rows["none"]["structured"] is None
+    refused = rows["regex"]
+    assert (
+        refused["error_code"] == "INVALID_STRUCTURED" and "Try structured.regex" in refused["error_message"]
+    )
