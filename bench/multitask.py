@@ -3,13 +3,17 @@ in this process on the tiny checkpoint, audio rows asked to transcribe, translat
 job with ``tasks`` against the same three presets as three ``task`` jobs. Writes
 bench/results/multitask-<host>.json (``--out``: elsewhere).
 
-    python -m bench.multitask [--rows N] [--rounds R] [--backend vllm|transformers]
+    python -m bench.multitask [--rows N] [--rounds R] [--backend vllm|transformers] [--full-size DIR]
 
 Every answer is ``--max-tokens`` long (ignore_eos), so both ways generate the same tokens; the difference
 is the media decoded and prepared once instead of once per task, and whatever the engine's caches share
-between a row's requests. One engine serves every run; medians of interleaved rounds. Runs on whatever
-device this machine has (CPU here), where the tiny model's steps are cheap, so the preprocessing share is
-larger here than beside a real model on a GPU.
+between a row's requests. Every row's clip is distinct (the two sample clips at a gain of its own), and
+the engine's prefix and media caches are emptied before each run: separate jobs over many rows find
+nothing of another task's run there, so the separate runs must not either. One engine serves every run;
+medians of interleaved rounds. Runs on whatever device this machine has: on the CPU the tiny model, whose
+steps are cheap, so the preprocessing share is larger there than beside a real model; on a CUDA device add
+``--full-size DIR`` (the released architecture with random weights and adapters, written there unless it
+is already) and the engine runs as a GPU job runs it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import statistics
 import time
 
 from bench.report import write_report
-from bench.tiny import tiny_checkpoint
+from bench.tiny import bench_checkpoint, device_name, engine_keys, on_cuda
 
 TASKS = {
     "transcript": {"preset": "transcribe"},
@@ -28,30 +32,44 @@ TASKS = {
 }
 
 
-def job(model: str, backend: str, max_tokens: int, **section):
+def job(model: str, backend: str, cuda: bool, max_tokens: int, **section):
     from schemas.job import JobConfig
 
-    vllm = backend == "vllm"
     return JobConfig.model_validate({
         "input": {"path": "unused.parquet", "columns": {"audio": "audio"}}, "output": {"path": "unused"},
-        "model": {"path": model, "load_format": "dummy" if vllm else "auto"},
-        "engine": {"backend": backend, "dtype": "float32", "max_model_len": 2048, "max_num_seqs": 64,
-                   "enforce_eager": True, "dynamic_hd": 1,
-                   "init_hook": "jobs.tiny_vision:shrink_siglip" if vllm else None},
+        "model": {"path": model, "load_format": "dummy" if backend == "vllm" else "auto"},
+        "engine": engine_keys(backend, cuda, max_model_len=2048, max_num_seqs=256 if cuda else 64),
         "sampling": {"max_tokens": max_tokens, "ignore_eos": True}, "repetition": {"enabled": False},
         **section,
     })  # fmt: skip
 
 
 def rows(n: int):
+    """``n`` rows of distinct clips: the sample clips alternately, each row at its own gain (as WAV)."""
+    import io
+
     import pyarrow as pa
+    import soundfile as sf
 
     from schemas.rows import MEDIA_STRUCT
     from tests.helpers import MEDIA
 
-    clips = [{"bytes": (MEDIA / name).read_bytes(), "path": name} for name in ("fox.wav", "morning.mp3")]
-    table = [{"id": f"r{i}", "audio": clips[i % 2]} for i in range(n)]
+    clips = [sf.read(MEDIA / name, dtype="float32") for name in ("fox.wav", "morning.mp3")]
+    table = []
+    for i in range(n):
+        samples, rate = clips[i % 2]
+        buffer = io.BytesIO()
+        sf.write(buffer, samples * (0.9 - 0.4 * i / max(n, 1)), rate, format="WAV", subtype="FLOAT")
+        table.append({"id": f"r{i}", "audio": {"bytes": buffer.getvalue(), "path": f"r{i}.wav"}})
     return pa.Table.from_pylist(table, schema=pa.schema([("id", pa.string()), ("audio", MEDIA_STRUCT)]))
+
+
+def empty_caches(engine) -> None:
+    """Empty the vLLM engine's prefix cache and its processed-media cache (transformers keeps none)."""
+    llm = getattr(engine, "llm", None)
+    if llm is not None:
+        llm.reset_prefix_cache()
+        llm.reset_mm_cache()
 
 
 def stages(configs, engine) -> list:
@@ -78,6 +96,7 @@ def run(built, table) -> dict:
     """The stages over ``table`` once per config: seconds in each stage, tokens generated, ok answers."""
     figures = {"preprocess_s": 0.0, "generate_s": 0.0, "completion_tokens": 0, "ok": 0}
     for preprocess, generate in built:
+        empty_caches(generate.engine)
         started = time.perf_counter()
         prepared = preprocess(table)
         middle = time.perf_counter()
@@ -95,15 +114,17 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32, help="Every answer's length.")
     parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
+    parser.add_argument("--full-size", metavar="DIR", help="A full-size checkpoint's folder (GPU runs).")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    model = tiny_checkpoint(args.backend)
+    cuda = on_cuda()
+    model = bench_checkpoint(args.backend, args.full_size)
 
     from actors.engines import build_engine
     from actors.generate import run_init_hook
 
-    together = [job(str(model), args.backend, args.max_tokens, tasks=TASKS)]
-    apart = [job(str(model), args.backend, args.max_tokens, task=t) for t in TASKS.values()]
+    together = [job(str(model), args.backend, cuda, args.max_tokens, tasks=TASKS)]
+    apart = [job(str(model), args.backend, cuda, args.max_tokens, task=t) for t in TASKS.values()]
     run_init_hook(together[0].engine.init_hook)
     engine = build_engine(together[0])
     table = rows(args.rows)
@@ -128,7 +149,9 @@ def main(argv=None) -> None:
     figures["preprocess_saved"] = round(
         1 - figures["tasks.preprocess_s"] / figures["separate.preprocess_s"], 2
     )
-    write_report("multitask", figures, args.out, device="cpu", backend=args.backend, args=vars(args))
+    write_report(
+        "multitask", figures, args.out, device=device_name(cuda), backend=args.backend, args=vars(args)
+    )
 
 
 if __name__ == "__main__":

@@ -2,15 +2,17 @@
 checkpoint with its byte-level tokenizer, free text against a choice list, a regex and a JSON schema.
 Writes bench/results/structured-<host>.json (``--out``: elsewhere).
 
-    python -m bench.structured [--rows N] [--rounds R] [--backend vllm|transformers]
+    python -m bench.structured [--rows N] [--rounds R] [--backend vllm|transformers] [--full-size DIR]
 
 Each structured run is paired with a free-text run of the same answer length (ignore_eos, max_tokens the
 structured answers' mean), so the ratio is the grammar's cost per token, not a shorter answer's: the
 mask computed per step (xgrammar, on the CPU beside the model) and applied to the logits. The first
 request of each kind also compiles its grammar (``compile_ms``: one request alone, minus a free one's
 time). Medians of interleaved rounds; the ratio is each round's (both halves under the same machine load),
-its median and range. Runs on whatever device this machine has (CPU here); the tiny
-model's steps are cheap, so the grammar's share is larger here than beside a real model on a GPU.
+its median and range. Runs on whatever device this machine has: on the CPU the tiny model,
+whose steps are cheap, so the grammar's share is larger there than beside a real model; on a CUDA
+device add ``--full-size DIR`` (the released architecture with random weights, written there unless
+it is already; its tokenizer replaced by the byte-level one) and the engine runs as a GPU job runs it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import statistics
 import time
 
 from bench.report import write_report
-from bench.tiny import tiny_checkpoint
+from bench.tiny import bench_checkpoint, device_name, engine_keys, on_cuda
 
 PROMPT = "<|user|>Label this review: the mug keeps coffee hot for hours.<|end|><|assistant|>"
 SPECS = {
@@ -41,16 +43,13 @@ SPECS = {
 }
 
 
-def engine_config(model: str, backend: str):
+def engine_config(model: str, backend: str, cuda: bool):
     from schemas.job import JobConfig
 
-    vllm = backend == "vllm"
     return JobConfig.model_validate({
         "input": {"path": "unused.parquet"}, "output": {"path": "unused"},
-        "model": {"path": model, "load_format": "dummy" if vllm else "auto"},
-        "engine": {"backend": backend, "dtype": "float32", "max_model_len": 1024, "max_num_seqs": 64,
-                   "enforce_eager": True, "dynamic_hd": 1,
-                   "init_hook": "jobs.tiny_vision:shrink_siglip" if vllm else None},
+        "model": {"path": model, "load_format": "dummy" if backend == "vllm" else "auto"},
+        "engine": engine_keys(backend, cuda, max_model_len=1024, max_num_seqs=256 if cuda else 64),
         "sampling": {"max_tokens": 96}, "repetition": {"enabled": False},  # free text runs its full length
     })  # fmt: skip
 
@@ -66,9 +65,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=48, help="Requests per run (one generate call).")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
+    parser.add_argument("--full-size", metavar="DIR", help="A full-size checkpoint's folder (GPU runs).")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    model = tiny_checkpoint(args.backend)
+    cuda = on_cuda()
+    model = bench_checkpoint(args.backend, args.full_size)
 
     from actors.engines import build_engine
     from actors.engines.contract import EngineRequest
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
     from schemas.sampling import RowSampling
 
     write_byte_tokenizer(model)
-    config = engine_config(str(model), args.backend)
+    config = engine_config(str(model), args.backend, cuda)
     run_init_hook(config.engine.init_hook)
     engine = build_engine(config)
 
@@ -120,7 +121,9 @@ def main(argv=None) -> None:
         )
         figures[f"{kind}.ratio"] = round(statistics.median(ratios), 3)
         figures[f"{kind}.ratio_range"] = f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
-    write_report("structured", figures, args.out, device="cpu", backend=args.backend, args=vars(args))
+    write_report(
+        "structured", figures, args.out, device=device_name(cuda), backend=args.backend, args=vars(args)
+    )
 
 
 if __name__ == "__main__":

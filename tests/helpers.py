@@ -45,6 +45,18 @@ def make_config(tiny_model: str, tmp_path: Path, **sections):
     return JobConfig.model_validate(raw)
 
 
+def cuda_sections(memory: float, **engine) -> dict:
+    """``make_config`` sections that run the tiny checkpoint's engine on a CUDA device (tests/gpu): bf16,
+    ``memory`` its share of the GPU (the tier's engines share one GPU), one GPU per GPU actor; ``engine``
+    adds engine keys."""
+    return {
+        "engine": {"dtype": "bfloat16", "gpu_memory_utilization": memory,
+                   "env": {"VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"}, **engine},
+        "resources": {"generate": {"concurrency": 1, "batch_size": 8, "num_cpus": 1, "num_gpus": 1,
+                                   "concurrent_batches": 2}},
+    }  # fmt: skip
+
+
 def media_table(rows: list[dict]):
     """Input rows of columns id, image, audio (media structs) and prompt as an Arrow table."""
     import pyarrow as pa

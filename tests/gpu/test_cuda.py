@@ -11,13 +11,8 @@ from actors.generate import GenerateRows
 from actors.preprocess import PreprocessRows
 from jobs.make_sample_data import SCHEMA, sample_rows
 from pipelines.phi4mm import run_pipeline
-from tests.helpers import MEDIA, assert_adapters_apply_per_row_in_shared_steps, make_config
+from tests.helpers import MEDIA, assert_adapters_apply_per_row_in_shared_steps, cuda_sections, make_config
 
-GPU_ENGINE = {
-    "dtype": "bfloat16",
-    "gpu_memory_utilization": 0.3,
-    "env": {"VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"},
-}
 SAMPLE_ERRORS = {"broken-truncated-jpeg": "IMAGE_DECODE_ERROR", "broken-empty-row": "MISSING_INPUT"}
 
 
@@ -34,10 +29,8 @@ def config(tiny_model, dataset, tmp_path_factory):
         tiny_model,
         tmp_path_factory.mktemp("gpu"),
         input={"path": str(dataset), "media_root": str(MEDIA)},
-        engine={**GPU_ENGINE, "dynamic_hd": 2},
-        resources={"generate": {"concurrency": 1, "batch_size": 8, "num_cpus": 1, "num_gpus": 1,
-                                "concurrent_batches": 2}},
-    )  # fmt: skip
+        **cuda_sections(0.3, dynamic_hd=2),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -109,8 +109,15 @@ def test_json_example_validates_every_answer_and_types_its_column(engine, tmp_pa
 
 
 def test_a_run_with_per_row_structured_outputs_and_looping_rows(local_ray, tiny_byte_model, tmp_path):
+    run_with_per_row_structured_outputs(
+        tiny_byte_model, tmp_path, engine={"init_hook": "jobs.tiny_vision:shrink_siglip"}
+    )
+
+
+def run_with_per_row_structured_outputs(model: str, tmp_path, **sections) -> None:
     """Free-text rows of a random model loop and are stopped (finish_reason repetition, counted in the
-    summary); a row asking its own choice list gets one; a bad cell is an INVALID_STRUCTURED row."""
+    summary); a row asking its own choice list gets one; a bad cell is an INVALID_STRUCTURED row. The
+    whole pipeline on the running Ray; ``sections`` say where the engine runs (tests/gpu: on CUDA)."""
     import datasets
 
     ask = {"free-0": None, "free-1": None, "choice": json.dumps({"choice": ["yes", "no"]}),
@@ -118,9 +125,9 @@ def test_a_run_with_per_row_structured_outputs_and_looping_rows(local_ray, tiny_
     table = pa.table({"id": list(ask), "prompt": ["tell me about the world"] * 4, "ask": list(ask.values())})
     pq.write_table(table, tmp_path / "in.parquet")
     config = make_config(
-        tiny_byte_model, tmp_path, confidence=True, sampling={"max_tokens": 200},
+        model, tmp_path, confidence=True, sampling={"max_tokens": 200},
         input={"path": str(tmp_path / "in.parquet"), "columns": {"image": None, "audio": None, "structured": "ask"}},
-        engine={"init_hook": "jobs.tiny_vision:shrink_siglip"},
+        **sections,
     )  # fmt: skip
     summary = run_pipeline(config, run_id="annotate")
     assert summary["audit"]["ok"]
