@@ -4,6 +4,7 @@ and its manifest lists every input file it saw.
 
     files = pending_files(plan.input_ids, done_ids)   # what Ray reads
     manifest["input_files"] = input_files_record(plan.input_ids, files)
+    for group in file_segments(plan.input_ids, files, segment_rows): ...   # one Ray Data execution each
 
 Whether a file is done is decided by its ids alone (its id column against the output's), not by names,
 sizes or times: a file a killed run half processed, or one rewritten in place with new rows, is read
@@ -44,3 +45,22 @@ def input_files_record(input_ids: IdColumn, read: list[str]) -> dict:
         for path, n in zip(input_ids.files, rows, strict=True)
     ]
     return {"count": len(files), "read": len(chosen), "rows": sum(rows), "files": files}
+
+
+def file_segments(input_ids: IdColumn, files: list[str], segment_rows: int) -> list[list[str]]:
+    """``files`` in input order, cut into runs of whole files of at least ``segment_rows`` rows each (the
+    last may hold fewer; rows from the Parquet footers, done rows included): each is run as a Ray Data
+    execution of its own, so that the driver's per-execution bookkeeping stays bounded (README, "Memory
+    under load"). Always at least one segment, empty when ``files`` is."""
+    if input_ids.rows <= segment_rows:  # one segment: no footers read again
+        return [list(files)]
+    counts = dict(zip(input_ids.files, footer_rows(input_ids.fs, input_ids.files), strict=True))
+    segments: list[list[str]] = [[]]
+    rows = 0
+    for path in files:
+        if rows >= segment_rows:
+            segments.append([])
+            rows = 0
+        segments[-1].append(path)
+        rows += counts.get(path, 0)
+    return segments

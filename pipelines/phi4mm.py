@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.ids import count_in
-from pipelines.incremental import input_files_record, pending_files
+from pipelines.incremental import file_segments, input_files_record, pending_files
 from pipelines.io import audit, commit_run, id_strings, prepare_output, staging_name, write_manifest
 from pipelines.lock import OutputLock
 from pipelines.progress import ProgressMonitor
@@ -193,11 +193,22 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     # Files whose every row is in the output already are not read at all (an input directory that keeps
     # receiving files: each run reads the new ones and any a killed run left unfinished).
     files = pending_files(plan.input_ids, done_ids) if keep_ids is None else list(plan.files)
-    ds = read_input(config, done_ids, keep_ids, files=files or list(plan.files[:1]))
+    # Segments of the input, each its own Ray Data execution (the driver keeps per-block stats for a whole
+    # execution); a --limit run is small: one.
+    segments = (
+        [files]
+        if keep_ids is not None
+        else file_segments(plan.input_ids, files, config.resources.segment_rows)
+    )
     from pipelines.ledger import RayAttemptLedger
 
     ledger = RayAttemptLedger(run_id).create()  # outlives GPU actors that crash
-    ds = apply(ds, build_stages(config, run_id, ledger))
+
+    def executions():  # built one at a time: the next once the writer has taken the last block of this one
+        for group in segments:
+            ds = read_input(config, done_ids, keep_ids, files=group or list(plan.files[:1]))
+            yield apply(ds, build_stages(config, run_id, ledger))
+
     total = len(keep_ids) if keep_ids is not None else plan.input_rows - skipped
     monitor = ProgressMonitor(
         lambda: ledger.actor_stats().get("progress", {}),
@@ -212,7 +223,7 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     into = staging_name(run_id) if out.mode == "overwrite" else None
     try:
         stats = write_stream(
-            ds, out, run_id, into=into, lock_run_id=run_id, storage=config.storage,
+            executions(), out, run_id, into=into, lock_run_id=run_id, storage=config.storage,
             shape=output_shape(config, plan),
         )  # fmt: skip
         monitor.stop()  # its last sample: the final counts

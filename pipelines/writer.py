@@ -1,6 +1,6 @@
 """The output's writer: rows from the pipeline committed as part files sized by the config.
 
-    stats = write_stream(ds, config.output, run_id, into=..., storage=config.storage)
+    stats = write_stream([ds], config.output, run_id, into=..., storage=config.storage)
 
 The rows of the last stage wait in the buffer of one writer actor until a part is due: when
 ``output.commit_every_rows`` rows wait (a part never holds more, nor more than ``rows_per_file``), when
@@ -182,7 +182,7 @@ class WriterActor(PartWriter):
 
 
 def write_stream(
-    ds,
+    datasets: Iterable,
     output: OutputConfig,
     run_id: str,
     *,
@@ -191,8 +191,10 @@ def write_stream(
     storage: StorageConfig | None = None,
     shape: OutputShape | None = None,
 ) -> WriteStats:
-    """Run the dataset to its end, its rows committed by the writer actor; returns what was committed.
-    The driver holds block references and at most ``MAX_BLOCKS_IN_FLIGHT`` calls per writer, never rows."""
+    """Run each dataset to its end, one after another (the input's segments: each its own Ray Data
+    execution), their rows committed by the same writer actors, so part names run on across them; returns
+    what was committed. The driver holds block references and at most ``MAX_BLOCKS_IN_FLIGHT`` calls per
+    writer, never rows."""
     import ray
 
     actor = ray.remote(WriterActor).options(num_cpus=0, max_restarts=0, max_task_retries=0)
@@ -203,7 +205,8 @@ def write_stream(
     ]  # fmt: skip
     try:
         in_flight: list = []
-        for n, ref in enumerate(_block_refs(ds)):
+        refs = (ref for ds in datasets for ref in _block_refs(ds))  # the next execution starts after this one
+        for n, ref in enumerate(refs):
             in_flight.append(writers[n % WRITERS].add.remote(ref))
             if len(in_flight) >= MAX_BLOCKS_IN_FLIGHT * WRITERS:
                 done, in_flight = ray.wait(in_flight, num_returns=1)

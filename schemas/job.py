@@ -630,6 +630,17 @@ class ResourcesConfig(_Strict):
         ),
         description="GPU actors that host vLLM.",
     )
+    segment_rows: int = Field(
+        1_000_000,
+        ge=1,
+        description=(
+            "Input rows per Ray Data execution: the input's files are run in segments of whole files, each "
+            "ending at the first file boundary past this many rows, one after another, into the same output. "
+            "Ray Data keeps every block's stats on the driver for a whole execution (~0.1 KiB per row), so this "
+            "bounds the driver's memory on long runs; each segment starts its actor pools and engines again "
+            "(seconds on a CPU, about a minute on a GPU with a warm compile_cache_dir)."
+        ),
+    )
 
 
 class ProgressConfig(_Strict):

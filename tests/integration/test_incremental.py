@@ -1,6 +1,7 @@
 """An input directory that keeps receiving Parquet files, run three times with files added in between
 (as a cron job or a scheduled RayJob would): every row is answered exactly once, each run reads only the
-new files, and each manifest lists the files it saw. Real Ray and vLLM on the tiny model, text rows."""
+new files, and each manifest lists the files it saw; and a run in segments (one Ray Data execution per
+group of files). Real Ray and vLLM on the tiny model, text rows."""
 
 import json
 
@@ -55,3 +56,25 @@ def test_three_runs_over_a_growing_directory_answer_every_row_once(local_ray, ti
         "c4",
     ]  # once each
     assert {r["id"]: r["run_id"] for r in rows}["b2"] == "night-2"
+
+
+def test_a_run_in_segments_answers_every_row_once_one_execution_each(local_ray, tiny_model, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    ids = {"0.parquet": ["a", "b", "c"], "1.parquet": ["d", "e"], "2.parquet": ["f", "g", "h"]}
+    for name, rows in ids.items():
+        pq.write_table(pa.table({"id": rows, "prompt": [f"Say {i}." for i in rows]}), inbox / name)
+    config = make_config(
+        tiny_model, tmp_path, input={"path": str(inbox), "columns": {"image": None, "audio": None}},
+        output={"path": str(tmp_path / "out"), "mode": "resume", "commit_every_rows": 2},
+        sampling={"max_tokens": 2}, resources={"segment_rows": 3},
+    )  # fmt: skip
+    summary = run_pipeline(config, run_id="segments")
+    assert summary["audit"]["ok"] and summary["rows_written"] == 8 and summary["status"] == {"ok": 8}
+    # two executions ([0.parquet], [1.parquet, 2.parquet]: a segment ends past 3 rows), one after the
+    # other: each started its own GPU actor, whose engine answered that segment's rows
+    assert sorted(e["requests"] for e in summary["engines"].values()) == [3, 5]
+    written = sorted(pq.read_table(tmp_path / "out").column("id").to_pylist())
+    assert written == sorted(i for rows in ids.values() for i in rows)  # once each
+    again = run_pipeline(config, run_id="segments-again")  # a re-run finds every row done
+    assert again["rows_written"] == 0 and again["rows_skipped_already_done"] == 8 and again["audit"]["ok"]

@@ -5,7 +5,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.ids import IdColumn
-from pipelines.incremental import input_files_record, pending_files
+from pipelines.incremental import file_segments, input_files_record, pending_files
 
 
 def _inbox(tmp_path, files: dict[str, list]) -> IdColumn:
@@ -47,3 +47,13 @@ def test_the_printed_summary_leaves_a_long_file_list_to_the_manifest():
     assert printed(many)["input_files"] == {"count": SHOWN_FILES + 1, "read": 1, "rows": 9,
                                             "files": f"{SHOWN_FILES + 1} files: see the manifest"}  # fmt: skip
     assert len(many["input_files"]["files"]) == SHOWN_FILES + 1  # the manifest's summary is untouched
+
+
+def test_segments_are_whole_files_ending_past_segment_rows(tmp_path):
+    ids = _inbox(tmp_path, {"a": [1, 2, 3], "b": [4, 5, 6], "c": [7, 8, 9, 10, 11], "d": [12]})
+    a, b, c, d = ids.files
+    assert file_segments(ids, list(ids.files), 4) == [[a, b], [c], [d]]
+    assert file_segments(ids, list(ids.files), 3) == [[a], [b], [c], [d]]
+    assert file_segments(ids, [b, d], 3) == [[b], [d]]  # a resumed run's pending files only
+    assert file_segments(ids, list(ids.files), 12) == [[a, b, c, d]]  # the input fits: one execution
+    assert file_segments(ids, [], 1) == [[]]
