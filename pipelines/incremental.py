@@ -64,3 +64,14 @@ def file_segments(input_ids: IdColumn, files: list[str], segment_rows: int) -> l
         segments[-1].append(path)
         rows += counts.get(path, 0)
     return segments
+
+
+def done_among(input_ids: IdColumn, files: list[str], done_ids: pa.Array) -> pa.Array:
+    """The ids of ``files`` that ``done_ids`` holds: the skip set one segment's read tasks need. Every read
+    task gets its skip set with its arguments, so a segment's is at most its own rows, not the output's
+    every id (a resumed run of millions of rows would send them all to every task)."""
+    found = [
+        ids.filter(pc.fill_null(pc.is_in(ids, value_set=done_ids), False))
+        for _, _, ids in replace(input_ids, files=tuple(files)).batches()
+    ] if len(done_ids) and files else []  # fmt: skip
+    return pa.concat_arrays(found) if found else pa.array([], pa.string())

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.ids import count_in
-from pipelines.incremental import file_segments, input_files_record, pending_files
+from pipelines.incremental import done_among, file_segments, input_files_record, pending_files
 from pipelines.io import audit, commit_run, id_strings, prepare_output, staging_name, write_manifest
 from pipelines.lock import OutputLock
 from pipelines.progress import ProgressMonitor
@@ -206,7 +206,8 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
 
     def executions():  # built one at a time: the next once the writer has taken the last block of this one
         for group in segments:
-            ds = read_input(config, done_ids, keep_ids, files=group or list(plan.files[:1]))
+            skip = done_ids if len(segments) == 1 else done_among(plan.input_ids, group, done_ids)
+            ds = read_input(config, skip, keep_ids, files=group or list(plan.files[:1]))
             yield apply(ds, build_stages(config, run_id, ledger))
 
     total = len(keep_ids) if keep_ids is not None else plan.input_rows - skipped

@@ -59,22 +59,29 @@ def test_three_runs_over_a_growing_directory_answer_every_row_once(local_ray, ti
 
 
 def test_a_run_in_segments_answers_every_row_once_one_execution_each(local_ray, tiny_model, tmp_path):
+    """A --limit run, then the rest in segments of whole files: the file it half did is a segment whose
+    skip set is its own done ids; each segment is its own execution (its own GPU actor and engine)."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     ids = {"0.parquet": ["a", "b", "c"], "1.parquet": ["d", "e"], "2.parquet": ["f", "g", "h"]}
     for name, rows in ids.items():
         pq.write_table(pa.table({"id": rows, "prompt": [f"Say {i}." for i in rows]}), inbox / name)
-    config = make_config(
-        tiny_model, tmp_path, input={"path": str(inbox), "columns": {"image": None, "audio": None}},
-        output={"path": str(tmp_path / "out"), "mode": "resume", "commit_every_rows": 2},
-        sampling={"max_tokens": 2}, resources={"segment_rows": 3},
-    )  # fmt: skip
-    summary = run_pipeline(config, run_id="segments")
-    assert summary["audit"]["ok"] and summary["rows_written"] == 8 and summary["status"] == {"ok": 8}
-    # two executions ([0.parquet], [1.parquet, 2.parquet]: a segment ends past 3 rows), one after the
-    # other: each started its own GPU actor, whose engine answered that segment's rows
-    assert sorted(e["requests"] for e in summary["engines"].values()) == [3, 5]
+
+    def config(**inputs):
+        return make_config(
+            tiny_model, tmp_path, input={"path": str(inbox), "columns": {"image": None, "audio": None}, **inputs},
+            output={"path": str(tmp_path / "out"), "mode": "resume", "commit_every_rows": 2},
+            sampling={"max_tokens": 2}, resources={"segment_rows": 2},
+        )  # fmt: skip
+
+    first = run_pipeline(config(limit=4), run_id="first-four")  # a, b, c and d
+    rest = run_pipeline(config(), run_id="segments")
+    assert first["rows_written"] == 4 and rest["rows_written"] == 4 and rest["rows_skipped_already_done"] == 4
+    assert rest["audit"]["ok"] and rest["status"] == {"ok": 4}
+    # 0.parquet is done and not read; 1.parquet (d done, e not) and 2.parquet are a segment each, run one
+    # after the other, each by a GPU actor of its own whose engine answered that segment's rows
+    assert sorted(e["requests"] for e in rest["engines"].values()) == [1, 3]
     written = sorted(pq.read_table(tmp_path / "out").column("id").to_pylist())
     assert written == sorted(i for rows in ids.values() for i in rows)  # once each
-    again = run_pipeline(config, run_id="segments-again")  # a re-run finds every row done
+    again = run_pipeline(config(), run_id="segments-again")  # a re-run finds every row done
     assert again["rows_written"] == 0 and again["rows_skipped_already_done"] == 8 and again["audit"]["ok"]

@@ -5,7 +5,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.ids import IdColumn
-from pipelines.incremental import file_segments, input_files_record, pending_files
+from pipelines.incremental import done_among, file_segments, input_files_record, pending_files
 
 
 def _inbox(tmp_path, files: dict[str, list]) -> IdColumn:
@@ -57,3 +57,12 @@ def test_segments_are_whole_files_ending_past_segment_rows(tmp_path):
     assert file_segments(ids, [b, d], 3) == [[b], [d]]  # a resumed run's pending files only
     assert file_segments(ids, list(ids.files), 12) == [[a, b, c, d]]  # the input fits: one execution
     assert file_segments(ids, [], 1) == [[]]
+
+
+def test_a_segments_skip_set_holds_only_its_own_files_done_ids(tmp_path):
+    ids = _inbox(tmp_path, {"a": ["x", "y"], "b": [1, 2, 3], "c": ["z"]})
+    a, b, c = ids.files
+    done = pa.array(["x", "2", "3", "z", "elsewhere"])  # "elsewhere": an output row of no input file
+    assert done_among(ids, [b], done).to_pylist() == ["2", "3"]
+    assert done_among(ids, [a, c], done).to_pylist() == ["x", "z"]
+    assert done_among(ids, [a, b], pa.array([], pa.string())).to_pylist() == []
