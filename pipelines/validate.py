@@ -56,19 +56,21 @@ class JobPlan:
 
 
 def validate_job(config: JobConfig, run_id: str | None = None) -> JobPlan:
-    """Every job-level check, in the order a user would fix them; raises JobError on the first failure.
-    With ``run_id``, also refuses a run id the output already holds parts of."""
+    """Every job-level check; raises JobError on the first failure. The quick ones first (the model
+    folder, the input's files and columns, the output), then the slow ones (remote adapters copied, the
+    input's ids read). With ``run_id``, also refuses a run id the output already holds parts of."""
     use(config.storage)  # this process's s3:// endpoint, region, timeouts (pipelines.storage)
     check_model(config.model)
-    adapters = check_adapters(config)
     fs, files = input_files(config.input.path)
     schema, rows = input_schema(fs, files, config.input.path)
     check_input_columns(config, schema)
-    input_ids = IdColumn(fs, tuple(files), config.input.columns.id, config.input.path, rows)
-    run_ids = check_ids(input_ids, config.input.limit)
     check_output(config)
     if run_id is not None:
         check_run_id_unused(config.output.path, run_id)
+    # The slow checks last, so that a mistake above costs no adapter download and no id scan.
+    adapters = check_adapters(config)  # remote adapters are copied into this node's cache here
+    input_ids = IdColumn(fs, tuple(files), config.input.columns.id, config.input.path, rows)
+    run_ids = check_ids(input_ids, config.input.limit)  # reads the input's whole id column
     return JobPlan(files, schema, input_ids, run_ids, adapters)
 
 

@@ -176,3 +176,18 @@ def test_a_cache_another_user_owns_is_refused(s3, tiny_model, tmp_path, monkeypa
     model = ModelConfig(path=tiny_model, adapters={"vision": url, "cache_dir": str(tmp_path / "cache")})
     with pytest.raises(JobError, match="belongs to another user.*Try model.adapters.cache_dir"):
         resolve_adapters(model, s3.storage)
+
+
+def test_a_job_mistake_is_reported_before_a_remote_adapter_is_downloaded(s3, tiny_model, tmp_path):
+    from pipelines.validate import validate_job
+    from tests.helpers import make_config
+
+    url = _upload(s3, "adapters/early", write_adapter(tmp_path / "a"))
+    cache = tmp_path / "cache"
+    config = make_config(
+        tiny_model, tmp_path, input={"path": str(tmp_path / "missing.parquet")},
+        model={"adapters": {"speech": url, "cache_dir": str(cache)}}, storage=s3.storage.model_dump(),
+    )  # fmt: skip
+    with pytest.raises(JobError, match="input.path"):
+        validate_job(config)
+    assert not cache.exists() or not any(cache.iterdir())  # nothing was copied
