@@ -109,14 +109,25 @@ def check_adapters(config: JobConfig) -> dict[Adapter, Path]:
         return {}
     dirs = resolve_adapters(model, config.storage)
     local = {a: d for a, d in dirs.items() if a in model.adapters.custom() or "://" not in model.path}
-    if model.max_lora_rank and local:
-        adapter, rank = max(((a, adapter_rank(d)) for a, d in local.items()), key=lambda t: t[1])
+    ranks = {a: _rank(a, d) for a, d in local.items()}  # the engine sizes its LoRA slots from them
+    if model.max_lora_rank and ranks:
+        adapter, rank = max(ranks.items(), key=lambda t: t[1])
         if model.max_lora_rank < rank:
             raise JobError(
                 f"model.max_lora_rank {model.max_lora_rank} is below the rank of the {adapter} adapter ({rank}). "
                 f"Try max_lora_rank: {engine_lora_rank(rank)}, or leave it out to size it from the adapters."
             )
     return dirs
+
+
+def _rank(adapter: Adapter, folder: Path) -> int:
+    try:
+        return adapter_rank(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise JobError(
+            f"the {adapter} adapter's {folder / CONFIG_FILE} cannot be read ({type(e).__name__}: {e}). Try a "
+            "PEFT LoRA folder whose adapter_config.json holds an integer r, or model.use_lora: false."
+        ) from None
 
 
 _shown = shown

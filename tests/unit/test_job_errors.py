@@ -106,6 +106,12 @@ def test_a_lora_rank_vllm_does_not_accept_is_refused_with_the_rank_to_use(job, c
     )
 
 
+@pytest.mark.parametrize("text", ['{"r": 8', '{"rank": 8}', '{"r": "eight"}'])
+def test_a_checkpoint_adapter_config_that_cannot_be_read(job, capsys, text):
+    (job.path / "model" / "speech-lora" / "adapter_config.json").write_text(text)
+    _fails(job, capsys, ["--config", job.config()], "speech adapter", "speech-lora/adapter_config.json")
+
+
 def test_two_bad_fields_give_two_lines(job, capsys):
     cfg = job.config(model={"max_lora_rank": 0}, engine={"dynamic_hd": 0})
     assert main(["--config", cfg]) == 2
