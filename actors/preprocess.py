@@ -43,7 +43,7 @@ from actors.multitask import jobs_reads, task_entry
 from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of, task_instruction
 from actors.row_timer import RowTimer
 from actors.tokens import fitted_size, letterbox_size, num_audio_tokens, num_image_tokens
-from schemas.annotation import StructuredSpec
+from schemas.annotation import STRUCTURED_CELL_CHARS, StructuredSpec, schema_keywords
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
 from schemas.output import carry
@@ -390,15 +390,34 @@ class PreprocessRows:
         cell = row.get(column) if column else None
         if cell is None:
             return self.structured.to_json() if self.structured else None
+        if isinstance(cell, str) and len(cell) > STRUCTURED_CELL_CHARS:
+            raise RowError(
+                ErrorCode.INVALID_STRUCTURED,
+                f"column {column!r} holds {len(cell):,} characters, over the {STRUCTURED_CELL_CHARS:,} a row's "
+                "structured output may take. Try a smaller schema or choice list, or the job's structured.",
+            )
         try:
             spec = StructuredSpec.model_validate(json.loads(cell) if isinstance(cell, str) else cell)
-        except (ValueError, ValidationError) as e:
-            reason = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+            patterns = spec.json_schema is not None and any(
+                key in ("pattern", "patternProperties") for key, _ in schema_keywords(spec.json_schema)
+            )
+        except (ValueError, ValidationError, RecursionError) as e:
+            reason = (
+                e.errors()[0]["msg"] if isinstance(e, ValidationError)
+                else "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            )  # fmt: skip
             raise RowError(
                 ErrorCode.INVALID_STRUCTURED,
                 f"column {column!r} holds {cell!r:.200}: {reason}. Try a JSON object with one of json_schema "
                 "or choice, or null for the job's structured.",
             ) from None
+        if patterns:  # jsonschema checks them with Python's re too
+            raise RowError(
+                ErrorCode.INVALID_STRUCTURED,
+                f"column {column!r} asks a json_schema with pattern or patternProperties: a row's patterns "
+                "would run in Python's backtracking re when the answer is checked, where a hostile one can "
+                "stall the run. Try them in the job's structured.json_schema, or a schema without patterns.",
+            )
         if spec.regex is not None:  # rows are untrusted: a pattern such as (a+)+b stalls Python's re
             raise RowError(
                 ErrorCode.INVALID_STRUCTURED,

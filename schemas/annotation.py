@@ -23,6 +23,26 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CHOICE_LOGPROBS = 20  # top tokens asked per answer position for choice probabilities (vLLM's max)
+STRUCTURED_CELL_CHARS = 65_536  # the most a row's structured cell may hold (rows are untrusted)
+# Keywords whose values map names to subschemas, and keywords whose values are data, not schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_DATA = frozenset({"enum", "const", "default", "examples"})
+
+
+def schema_keywords(schema: Any):
+    """Every ``(keyword, value)`` of a JSON schema and of all its subschemas (a property called "pattern"
+    is a name, not the keyword). Deep nesting raises RecursionError."""
+    if isinstance(schema, list):
+        for item in schema:
+            yield from schema_keywords(item)
+    elif isinstance(schema, dict):
+        for key, value in schema.items():
+            yield key, value
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                for sub in value.values():
+                    yield from schema_keywords(sub)
+            elif key not in _DATA:
+                yield from schema_keywords(value)
 
 
 class StructuredSpec(BaseModel):
@@ -59,6 +79,13 @@ class StructuredSpec(BaseModel):
                     f"json_schema is not a valid JSON Schema ({where}: {e.message}). Try a schema that "
                     "jsonschema's Draft202012Validator.check_schema accepts."
                 ) from None
+            # answers are checked here, with no network: a $ref must point into the schema itself
+            for key, value in schema_keywords(self.json_schema):
+                if key in ("$ref", "$dynamicRef") and not (isinstance(value, str) and value.startswith("#")):
+                    raise ValueError(
+                        f"json_schema {key} {value!r} points outside the schema (nothing is fetched). Try "
+                        "the referenced schema under $defs, referred to as '#/$defs/NAME'."
+                    )
         if self.choice is not None and (len(set(self.choice)) != len(self.choice) or "" in self.choice):
             raise ValueError("choice lists an empty or repeated string. Try distinct, non-empty choices.")
         if self.regex is not None:

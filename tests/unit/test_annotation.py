@@ -225,3 +225,11 @@ def test_the_summary_counts_looped_rows():
     assert "looped rows      3 stopped as loops" in format_summary(summary)
     summary["finish_reasons"] = {"stop": 5}
     assert "looped rows" not in format_summary(summary)
+
+
+def test_a_json_schema_ref_must_stay_inside_the_schema():
+    local = {"$defs": {"label": {"enum": ["a", "b"]}}, "$ref": "#/$defs/label"}
+    assert StructuredSpec(json_schema=local).json_schema == local
+    for ref in ("http://127.0.0.1:9/schema.json", "other.json#/x", "file:///etc/passwd"):
+        with pytest.raises(ValidationError, match="points outside the schema"):
+            StructuredSpec(json_schema={"type": "object", "properties": {"x": {"$ref": ref}}})

@@ -257,3 +257,36 @@ def test_a_rows_structured_cell_may_ask_a_schema_or_choices_but_not_a_regex(tiny
     assert (
         refused["error_code"] == "INVALID_STRUCTURED" and "Try structured.regex" in refused["error_message"]
     )
+
+
+def test_a_rows_json_schema_may_not_use_patterns_remote_refs_deep_nesting_or_be_huge(tiny_model, tmp_path):
+    """Rows are untrusted: a pattern would run in Python's backtracking re when the answer is checked, a
+    remote $ref would be fetched (or fail the batch), deep nesting and huge cells cost memory and time."""
+    import json
+
+    from schemas.annotation import STRUCTURED_CELL_CHARS
+
+    config = make_config(
+        tiny_model, tmp_path, input={"columns": {"image": None, "audio": None, "structured": "ask"}}
+    )
+    deep = '{"items": ' * 1500 + "{}" + "}" * 1500  # within the size cap, past Python's recursion limit
+    cells = {
+        "named-pattern": {"type": "object", "properties": {"pattern": {"type": "string"}}},  # a name: fine
+        "local-ref": {"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s"},
+        "pattern": {"type": "object", "properties": {"x": {"type": "string", "pattern": "^(a+)+b$"}}},
+        "pattern-properties": {"type": "object", "patternProperties": {"^(a+)+$": {"type": "string"}}},
+        "remote-ref": {"$ref": "http://127.0.0.1:9/schema.json"},
+        "deep": deep,
+        "huge": {"enum": ["x" * STRUCTURED_CELL_CHARS]},
+    }
+    texts = [json.dumps({"json_schema": c}) if k != "deep" else '{"json_schema": ' + c + "}"
+             for k, c in cells.items()]  # fmt: skip
+    table = pa.table({"id": list(cells), "prompt": ["hi"] * len(cells), "ask": texts})
+    rows = {r["id"]: r for r in PreprocessRows(config)(table).to_pylist()}
+    assert {k: r["status"] for k, r in rows.items() if r["status"] == "ok"} == dict.fromkeys(
+        ["named-pattern", "local-ref"], "ok"
+    )
+    for key in ("pattern", "pattern-properties", "remote-ref", "deep", "huge"):
+        assert rows[key]["error_code"] == "INVALID_STRUCTURED" and "Try " in rows[key]["error_message"], key
+    assert "pattern" in rows["pattern-properties"]["error_message"]
+    assert "$defs" in rows["remote-ref"]["error_message"]
