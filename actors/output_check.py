@@ -38,6 +38,8 @@ def problem(text: str, spec: StructuredSpec) -> str | None:
         return f"not JSON ({e})"
     except RecursionError:  # the parser and the validator recurse per level: an answer must not end the batch
         return "JSON nested too deeply to parse or check"
+    except Exception as e:  # a schema the validator cannot apply: this row's answer fails, not the batch
+        return f"the schema could not be applied ({type(e).__name__}: {str(e)[:200]})"
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path) or "top level"

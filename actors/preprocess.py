@@ -390,7 +390,7 @@ class PreprocessRows:
         cell = row.get(column) if column else None
         if cell is None:
             return self.structured.to_json() if self.structured else None
-        if isinstance(cell, str) and len(cell) > STRUCTURED_CELL_CHARS:
+        if isinstance(cell, (str, bytes)) and len(cell) > STRUCTURED_CELL_CHARS:
             raise RowError(
                 ErrorCode.INVALID_STRUCTURED,
                 f"column {column!r} holds {len(cell):,} characters, over the {STRUCTURED_CELL_CHARS:,} a row's "

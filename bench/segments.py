@@ -63,9 +63,9 @@ def write_input(root: Path, rows: int, files: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    per_file = rows // files
+    bounds = [rows * f // files for f in range(files + 1)]  # every row in some file
     for f in range(files):
-        ids = [f"r{i}" for i in range(f * per_file, (f + 1) * per_file)]
+        ids = [f"r{i}" for i in range(bounds[f], bounds[f + 1])]
         pq.write_table(pa.table({"id": ids, "prompt": ["Say hello."] * len(ids)}), root / f"{f:04d}.parquet")
 
 
@@ -91,12 +91,14 @@ def measured_run(config, run_id: str) -> dict:
 
     def sample() -> None:
         last = 0.0
-        while not stop.wait(0.2):
+        while True:
             now = time.perf_counter()
             samples.append((now, private_mib()))
             if now - last >= 10:
                 traced.append((now, ray_data_traced_mib()))
                 last = now
+            if stop.wait(0.2):
+                return
 
     tracemalloc.start()
     started = time.perf_counter()
@@ -109,8 +111,8 @@ def measured_run(config, run_id: str) -> dict:
         thread.join()
         tracemalloc.stop()
     wall = time.perf_counter() - started
-    tenth = next(m for t, m in samples if t - started >= wall / 10)
-    traced_tenth = next(m for t, m in traced if t - started >= wall / 10)
+    tenth = next((m for t, m in samples if t - started >= wall / 10), samples[0][1])
+    traced_tenth = next((m for t, m in traced if t - started >= wall / 10), traced[0][1])
     return {
         "rows_written": summary["rows_written"],
         "audit_ok": summary["audit"]["ok"],

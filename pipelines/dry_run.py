@@ -58,7 +58,11 @@ def _batches(config: JobConfig, plan: JobPlan, done_ids: pa.Array):
         with pq.ParquetFile(path, filesystem=fs) as f:
             for batch in f.iter_batches(batch_size=size):
                 table = _select_rows(
-                    pa.Table.from_batches([batch]), config.input.columns.id, done_ids, plan.run_ids
+                    pa.Table.from_batches([batch]),
+                    config.input.columns.id,
+                    done_ids,
+                    plan.run_ids,
+                    plan.schema,
                 )  # a --limit run: its ids, minus those done (_select_rows drops done ids itself)
                 if table.num_rows:
                     yield table

@@ -91,9 +91,31 @@ def warn_if_resources_short(config: JobConfig) -> None:
         )
 
 
-def _select_rows(batch: pa.Table, id_column: str, done_ids: pa.Array, keep_ids: pa.Array | None) -> pa.Table:
-    """Ids in their one string form (so the output, resume and the audit agree whatever the input's id
-    type), minus rows already done, and only ``keep_ids`` when given."""
+def conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``batch`` in the input's schema as validation merged it from every file: a column its file lacks is
+    null, a narrower type is widened. Ray reads with the first file's schema of each execution, which
+    differs from segment to segment (a type Arrow cannot cast is left as it is)."""
+    columns = []
+    for f in schema:
+        if f.name not in batch.column_names:
+            columns.append(pa.nulls(batch.num_rows, f.type))
+            continue
+        column = batch.column(f.name)
+        try:
+            columns.append(column if column.type == f.type else column.cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            columns.append(column)
+    return pa.Table.from_arrays(columns, names=schema.names)
+
+
+def _select_rows(
+    batch: pa.Table, id_column: str, done_ids: pa.Array, keep_ids: pa.Array | None, schema: pa.Schema | None
+) -> pa.Table:
+    """The input's merged ``schema`` when given; ids in their one string form (so the output, resume and
+    the audit agree whatever the input's id type), minus rows already done, and only ``keep_ids`` when
+    given."""
+    if schema is not None:
+        batch = conform(batch, schema)
     ids = id_strings(batch.column(id_column))
     batch = batch.set_column(batch.schema.get_field_index(id_column), id_column, ids)
     keep = pc.invert(pc.fill_null(pc.is_in(ids, value_set=done_ids), False))
@@ -103,26 +125,34 @@ def _select_rows(batch: pa.Table, id_column: str, done_ids: pa.Array, keep_ids: 
 
 
 def read_input(
-    config: JobConfig, done_ids: pa.Array, keep_ids: pa.Array | None = None, files: list[str] | None = None
+    config: JobConfig,
+    done_ids: pa.Array,
+    keep_ids: pa.Array | None = None,
+    files: list[str] | None = None,
+    schema: pa.Schema | None = None,
 ):
     """The input rows still to do, as a lazy Ray dataset in blocks of one CPU batch each.
 
     ``keep_ids``: run only these rows (a --limit run: its first N ids, as validation listed them, so which
     rows run does not depend on the order Ray's read tasks finish in). ``files``: read only these input
-    files (``pipelines.incremental.pending_files``; default: all of input.path)."""
+    files (``pipelines.incremental.pending_files``; default: all of input.path). ``schema``: the input's
+    schema as validation merged and checked it (every block is given it); without it, the columns are
+    checked here against what Ray reads."""
     import ray
 
     fs, path = filesystem_for(config.input.path, config.storage)  # the job's endpoint, not the default
     ds = ray.data.read_parquet(files or path, filesystem=fs, num_cpus=config.resources.io_num_cpus)
-    check_input_columns(config, ds.schema().base_schema)
-    if len(done_ids):
-        logger.info(
-            "resume: %s already holds %d rows; their ids are skipped", config.output.path, len(done_ids)
-        )
+    if schema is None:
+        check_input_columns(config, ds.schema().base_schema)
     ds = ds.map_batches(
         _select_rows,
         batch_format="pyarrow",
-        fn_kwargs={"id_column": config.input.columns.id, "done_ids": done_ids, "keep_ids": keep_ids},
+        fn_kwargs={
+            "id_column": config.input.columns.id,
+            "done_ids": done_ids,
+            "keep_ids": keep_ids,
+            "schema": schema,
+        },  # fmt: skip
     )
     if keep_ids is not None:
         ds = ds.limit(len(keep_ids))  # all there is: lets Ray stop reading once they have passed
@@ -204,10 +234,16 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
 
     ledger = RayAttemptLedger(run_id).create()  # outlives GPU actors that crash
 
+    if len(done_ids):
+        logger.info("resume: %s already holds %d rows; their ids are skipped", out.path, len(done_ids))
+
     def executions():  # built one at a time: the next once the writer has taken the last block of this one
         for group in segments:
-            skip = done_ids if len(segments) == 1 else done_among(plan.input_ids, group, done_ids)
-            ds = read_input(config, skip, keep_ids, files=group or list(plan.files[:1]))
+            group = group or list(plan.files[:1])  # nothing left to do: one file read, its rows all skipped
+            # each read task gets its skip set: the segment's own done ids (a --limit run's keep_ids
+            # already leave done rows out)
+            skip = done_among(plan.input_ids, group, done_ids) if keep_ids is None else done_ids[:0]
+            ds = read_input(config, skip, keep_ids, files=group, schema=plan.schema)
             yield apply(ds, build_stages(config, run_id, ledger))
 
     total = len(keep_ids) if keep_ids is not None else plan.input_rows - skipped

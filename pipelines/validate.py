@@ -121,9 +121,12 @@ def check_adapters(config: JobConfig) -> dict[Adapter, Path]:
 
 
 def _rank(adapter: Adapter, folder: Path) -> int:
+    """The adapter's rank, one vLLM can serve; JobError for a config that cannot be read or served."""
     try:
-        return adapter_rank(folder)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        rank = adapter_rank(folder)
+        engine_lora_rank(rank)  # raises ValueError past the largest rank vLLM serves
+        return rank
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
         raise JobError(
             f"the {adapter} adapter's {folder / CONFIG_FILE} cannot be read ({type(e).__name__}: {e}). Try a "
             "PEFT LoRA folder whose adapter_config.json holds an integer r, or model.use_lora: false."

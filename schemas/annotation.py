@@ -26,7 +26,8 @@ CHOICE_LOGPROBS = 20  # top tokens asked per answer position for choice probabil
 STRUCTURED_CELL_CHARS = 65_536  # the most a row's structured cell may hold (rows are untrusted)
 # Keywords whose values map names to subschemas, and keywords whose values are data, not schemas.
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
-_DATA = frozenset({"enum", "const", "default", "examples"})
+_DATA = frozenset({"enum", "const", "default", "examples", "dependentRequired", "required", "$comment"})
+_REF_ROOTS = ("/$defs/", "/definitions/")  # where a $ref may point: '#' or a schema under these
 
 
 def schema_keywords(schema: Any):
@@ -43,6 +44,24 @@ def schema_keywords(schema: Any):
                     yield from schema_keywords(sub)
             elif key not in _DATA:
                 yield from schema_keywords(value)
+
+
+def _local_schema(schema: dict, ref: Any) -> bool:
+    """``ref`` is '#' or a JSON pointer into ``schema``'s $defs (or definitions) that reaches a schema (an
+    object or a boolean) without passing through data (enum, const, ...), where ``schema_keywords`` looks."""
+    if ref == "#":
+        return True
+    if not isinstance(ref, str) or not ref.startswith("#") or not ref[1:].startswith(_REF_ROOTS):
+        return False
+    node: Any = schema
+    name = False  # the next part names an entry of a map of subschemas (any name, "enum" too)
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node or (part in _DATA and not name):
+            return False
+        name = part in _SCHEMA_MAPS and not name
+        node = node[part]
+    return isinstance(node, (dict, bool))
 
 
 class StructuredSpec(BaseModel):
@@ -79,12 +98,13 @@ class StructuredSpec(BaseModel):
                     f"json_schema is not a valid JSON Schema ({where}: {e.message}). Try a schema that "
                     "jsonschema's Draft202012Validator.check_schema accepts."
                 ) from None
-            # answers are checked here, with no network: a $ref must point into the schema itself
+            # answers are checked with no network: a $ref must point at a schema inside this one
             for key, value in schema_keywords(self.json_schema):
-                if key in ("$ref", "$dynamicRef") and not (isinstance(value, str) and value.startswith("#")):
+                if key in ("$ref", "$dynamicRef") and not _local_schema(self.json_schema, value):
                     raise ValueError(
-                        f"json_schema {key} {value!r} points outside the schema (nothing is fetched). Try "
-                        "the referenced schema under $defs, referred to as '#/$defs/NAME'."
+                        f"json_schema {key} {value!r} does not point at a schema under $defs of this schema "
+                        "(nothing is fetched). Try the referenced schema under $defs, referred to as "
+                        "'#/$defs/NAME'."
                     )
         if self.choice is not None and (len(set(self.choice)) != len(self.choice) or "" in self.choice):
             raise ValueError("choice lists an empty or repeated string. Try distinct, non-empty choices.")

@@ -1,8 +1,9 @@
 """On CUDA: annotation runs (structured outputs, confidence, the loop stop, several tasks per row, the
 job's own adapters) with the CPU tier's own assertions, the engine on the GPU's kernels.
 
-Each test calls its CPU twin (tests/integration/) with a CUDA engine, so both tiers check the same
-promises; the tiny checkpoints (byte-level tokenizer where decoding is constrained), eager mode to start
+Each test but the adapters' calls its CPU twin (tests/integration/) with a CUDA engine, so both tiers
+check the same promises (the adapters' twin reaches an S3 test server; this one reads local folders and
+repeats its checks); the tiny checkpoints (byte-level tokenizer where decoding is constrained), eager mode to start
 fast. Several engines share the one GPU here, each with a small share of its memory."""
 
 import shutil

@@ -228,8 +228,20 @@ def test_the_summary_counts_looped_rows():
 
 
 def test_a_json_schema_ref_must_stay_inside_the_schema():
-    local = {"$defs": {"label": {"enum": ["a", "b"]}}, "$ref": "#/$defs/label"}
-    assert StructuredSpec(json_schema=local).json_schema == local
-    for ref in ("http://127.0.0.1:9/schema.json", "other.json#/x", "file:///etc/passwd"):
-        with pytest.raises(ValidationError, match="points outside the schema"):
-            StructuredSpec(json_schema={"type": "object", "properties": {"x": {"$ref": ref}}})
+    defs = {"label": {"enum": ["a", "b"], "$comment": "x"}, "required": {"type": "string"}}
+    for ref in ("#/$defs/label", "#/$defs/required", "#"):  # a def may be named like a keyword
+        local = {"$defs": defs, "type": "object", "properties": {"x": {"$ref": ref}}}
+        assert StructuredSpec(json_schema=local).json_schema == local
+    # outside (fetched), dangling, an anchor, or a pointer into data (an enum value holding a pattern)
+    for ref in ("http://127.0.0.1:9/schema.json", "other.json#/x", "file:///etc/passwd", "#/$defs/missing",
+                "#nope", "#/$defs/label/enum/0", "#/$defs/label/$comment", "#/$defs"):  # fmt: skip
+        with pytest.raises(ValidationError, match="does not point at a schema under"):
+            StructuredSpec(json_schema={"$defs": defs, "type": "object", "properties": {"x": {"$ref": ref}}})
+
+
+def test_an_answer_check_the_validator_cannot_apply_fails_the_answer_not_the_batch():
+    # a $ref into a nested $id's resource: it passes the spec's check, jsonschema cannot resolve it
+    schema = {"type": "object", "properties": {"x": {"$id": "http://127.0.0.1:9/other", "$ref": "#/$defs/a"}},
+              "$defs": {"a": {"type": "string"}}}  # fmt: skip
+    spec = StructuredSpec(json_schema=schema)
+    assert "could not be applied" in problem('{"x": "y"}', spec)

@@ -66,3 +66,19 @@ def test_a_segments_skip_set_holds_only_its_own_files_done_ids(tmp_path):
     assert done_among(ids, [b], done).to_pylist() == ["2", "3"]
     assert done_among(ids, [a, c], done).to_pylist() == ["x", "z"]
     assert done_among(ids, [a, b], pa.array([], pa.string())).to_pylist() == []
+
+
+def test_every_block_gets_the_inputs_merged_schema_whatever_file_it_came_from():
+    """Ray reads with the first file's schema of each execution; segments start with different files, so
+    every block is given validation's merged schema: a column its file lacks is null, types widened."""
+    from pipelines.phi4mm import _select_rows, conform
+
+    merged = pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("title", pa.string())])
+    block = pa.table(
+        {"id": pa.array([1, 2, 3], pa.int32()), "prompt": ["a", "b", "c"]}
+    )  # a file without title
+    conformed = conform(block, merged)
+    assert conformed.schema == merged and conformed.column("title").null_count == 3
+    selected = _select_rows(block, "id", pa.array(["2"]), None, merged)
+    assert selected.column("id").to_pylist() == ["1", "3"] and selected.column_names == merged.names
+    assert _select_rows(block, "id", pa.array(["2"]), None, None).column_names == ["id", "prompt"]

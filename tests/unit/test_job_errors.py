@@ -106,7 +106,17 @@ def test_a_lora_rank_vllm_does_not_accept_is_refused_with_the_rank_to_use(job, c
     )
 
 
-@pytest.mark.parametrize("text", ['{"r": 8', '{"rank": 8}', '{"r": "eight"}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"r": 8',
+        '{"rank": 8}',
+        '{"r": "eight"}',
+        '{"r": 1024}',
+        '{"r": 8, "rank_pattern": ["x"]}',
+        '{"r": 1e999}',
+    ],
+)
 def test_a_checkpoint_adapter_config_that_cannot_be_read(job, capsys, text):
     (job.path / "model" / "speech-lora" / "adapter_config.json").write_text(text)
     _fails(job, capsys, ["--config", job.config()], "speech adapter", "speech-lora/adapter_config.json")
