@@ -22,11 +22,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from actors.engines.adapters import adapter_rank, resolve_adapters
+from actors.engines.adapters import resolve_adapters
 from pipelines.ids import IdColumn, IdReadError, partition, shown
 from pipelines.io import check_output_mode, check_run_id_unused
 from pipelines.storage import filesystem_for, redact, use
-from schemas.adapters import ADAPTERS, CONFIG_FILE, engine_lora_rank
+from schemas.adapters import ADAPTERS, CONFIG_FILE, config_rank, engine_lora_rank
 from schemas.errors import JobError
 from schemas.job import JobConfig, ModelConfig
 from schemas.model import PHI4MM, Adapter
@@ -121,16 +121,15 @@ def check_adapters(config: JobConfig) -> dict[Adapter, Path]:
 
 
 def _rank(adapter: Adapter, folder: Path) -> int:
-    """The adapter's rank, one vLLM can serve; JobError for a config that cannot be read or served."""
+    """The adapter's rank, one vLLM serves (``config_rank``); JobError for a config it cannot read."""
+    path = folder / CONFIG_FILE
     try:
-        rank = adapter_rank(folder)
-        engine_lora_rank(rank)  # raises ValueError past the largest rank vLLM serves
-        return rank
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
         raise JobError(
-            f"the {adapter} adapter's {folder / CONFIG_FILE} cannot be read ({type(e).__name__}: {e}). Try a "
-            "PEFT LoRA folder whose adapter_config.json holds an integer r, or model.use_lora: false."
+            f"the {adapter} adapter {path} cannot be read ({e}). Try a PEFT LoRA folder, or model.use_lora: false."
         ) from None
+    return config_rank(f"the {adapter} adapter", str(path), text)[1]
 
 
 _shown = shown

@@ -135,28 +135,38 @@ def check_files(key: str, source: str, sizes: dict[str, int], max_bytes: int) ->
     return total
 
 
-def check_config(key: str, source: str, text: str) -> tuple[int, tuple[str, ...] | str]:
-    """adapter_config.json's text is a LoRA config vLLM can serve on Phi-4-mm: (rank, target_modules)."""
+def config_rank(key: str, source: str, text: str) -> tuple[dict, int]:
+    """adapter_config.json's text as a JSON object, and its largest rank (``r`` and ``rank_pattern``),
+    which must be one vLLM serves (the checkpoint's own adapters are checked this far only)."""
     try:
         cfg = json.loads(text)
     except ValueError as e:
         raise JobError(f"{key} {source}: {CONFIG_FILE} is not JSON ({e}). Try PEFT's own file.") from None
     if not isinstance(cfg, dict):
         raise JobError(f"{key} {source}: {CONFIG_FILE} is not a JSON object. Try PEFT's own file.")
-    peft_type = cfg.get("peft_type")
-    if str(peft_type).upper() != "LORA":
-        raise JobError(
-            f"{key} {source}: {CONFIG_FILE} has peft_type {peft_type!r}, not 'LORA'; only LoRA adapters can be "
-            "served. Try an adapter trained with peft.LoraConfig."
-        )
-    ranks = [cfg.get("r"), *(cfg.get("rank_pattern") or {}).values()]  # vLLM's bound covers both
+    pattern = cfg.get("rank_pattern") or {}
+    ranks = [
+        cfg.get("r"),
+        *(pattern.values() if isinstance(pattern, dict) else [pattern]),
+    ]  # vLLM's bound covers both
     if not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_ADAPTER_RANK for r in ranks):
         raise JobError(
             f"{key} {source}: {CONFIG_FILE} has rank r={cfg.get('r')!r} (rank_pattern: "
             f"{cfg.get('rank_pattern') or {}}); vLLM serves LoRA ranks 1 to {MAX_ADAPTER_RANK}. Try an adapter "
             f"trained with r <= {MAX_ADAPTER_RANK}."
         )
-    rank = max(ranks)
+    return cfg, max(ranks)
+
+
+def check_config(key: str, source: str, text: str) -> tuple[int, tuple[str, ...] | str]:
+    """adapter_config.json's text is a LoRA config vLLM can serve on Phi-4-mm: (rank, target_modules)."""
+    cfg, rank = config_rank(key, source, text)
+    peft_type = cfg.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise JobError(
+            f"{key} {source}: {CONFIG_FILE} has peft_type {peft_type!r}, not 'LORA'; only LoRA adapters can be "
+            "served. Try an adapter trained with peft.LoraConfig."
+        )
     if problem := target_problem(cfg.get("target_modules")):
         raise JobError(
             f"{key} {source}: {problem}. Try target_modules among {list(PHI4MM.lora_layer_modules)} (the "

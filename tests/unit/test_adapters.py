@@ -36,6 +36,7 @@ def test_a_lora_folder_passes_and_reports_its_rank(tmp_path):
         ({"r": 0}, "r=0"),
         ({"r": "8"}, "r='8'"),
         ({"r": 8, "rank_pattern": {"o_proj": 600}}, "rank_pattern"),
+        ({"r": 8, "rank_pattern": ["o_proj"]}, "rank_pattern"),
         ({"peft_type": "IA3"}, "'IA3'"),
         ({"target_modules": ["q_proj", "o_proj"]}, "['q_proj']"),
         ({"target_modules": ["vision_encoder.qkv_proj"]}, "vision_encoder.qkv_proj"),
