@@ -23,7 +23,7 @@ import statistics
 import time
 
 from bench.report import write_report
-from bench.tiny import bench_checkpoint, device_name, engine_keys, on_cuda
+from bench.tiny import add_engine_arguments, device_name, engine_keys, engine_setup
 
 TASKS = {
     "transcript": {"preset": "transcribe"},
@@ -113,12 +113,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=24, help="Audio rows per run.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32, help="Every answer's length.")
-    parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
-    parser.add_argument("--full-size", metavar="DIR", help="A full-size checkpoint's folder (GPU runs).")
-    parser.add_argument("--out")
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
-    cuda = on_cuda()
-    model = bench_checkpoint(args.backend, args.full_size)
+    cuda, model, out = engine_setup("multitask", args)
 
     from actors.engines import build_engine
     from actors.generate import run_init_hook
@@ -149,9 +146,7 @@ def main(argv=None) -> None:
     figures["preprocess_saved"] = round(
         1 - figures["tasks.preprocess_s"] / figures["separate.preprocess_s"], 2
     )
-    write_report(
-        "multitask", figures, args.out, device=device_name(cuda), backend=args.backend, args=vars(args)
-    )
+    write_report("multitask", figures, out, device=device_name(cuda), backend=args.backend, args=vars(args))
 
 
 if __name__ == "__main__":

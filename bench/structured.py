@@ -22,7 +22,7 @@ import statistics
 import time
 
 from bench.report import write_report
-from bench.tiny import bench_checkpoint, device_name, engine_keys, on_cuda
+from bench.tiny import add_engine_arguments, device_name, engine_keys, engine_setup
 
 PROMPT = "<|user|>Label this review: the mug keeps coffee hot for hours.<|end|><|assistant|>"
 SPECS = {
@@ -64,12 +64,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=48, help="Requests per run (one generate call).")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
-    parser.add_argument("--full-size", metavar="DIR", help="A full-size checkpoint's folder (GPU runs).")
-    parser.add_argument("--out")
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
-    cuda = on_cuda()
-    model = bench_checkpoint(args.backend, args.full_size)
+    cuda, model, out = engine_setup("structured", args)
 
     from actors.engines import build_engine
     from actors.engines.contract import EngineRequest
@@ -121,9 +118,7 @@ def main(argv=None) -> None:
         )
         figures[f"{kind}.ratio"] = round(statistics.median(ratios), 3)
         figures[f"{kind}.ratio_range"] = f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
-    write_report(
-        "structured", figures, args.out, device=device_name(cuda), backend=args.backend, args=vars(args)
-    )
+    write_report("structured", figures, out, device=device_name(cuda), backend=args.backend, args=vars(args))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ GPU job runs it."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -72,3 +74,24 @@ def device_name(cuda: bool) -> str:
     import torch
 
     return f"cuda: {torch.cuda.get_device_name()}"
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark of an engine in this process takes: which backend, a full-size
+    checkpoint for a GPU run, where the JSON goes."""
+    parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
+    parser.add_argument("--full-size", metavar="DIR", help="A full-size checkpoint's folder (GPU runs).")
+    parser.add_argument(
+        "--out", help="The JSON's path (default: bench/results/<benchmark>[-<backend>][-cuda]-<host>.json)."
+    )
+
+
+def engine_setup(benchmark: str, args: argparse.Namespace) -> tuple[bool, Path, str]:
+    """(on CUDA, the checkpoint, the JSON's path) for ``add_engine_arguments``' options: a run of another
+    backend or on a GPU gets a file of its own, not the default run's."""
+    from bench.report import RESULTS
+
+    cuda = on_cuda()
+    kind = ("" if args.backend == "vllm" else f"-{args.backend}") + ("-cuda" if cuda else "")
+    out = args.out or str(RESULTS / f"{benchmark}{kind}-{platform.node() or 'host'}.json")
+    return cuda, bench_checkpoint(args.backend, args.full_size), out
