@@ -50,11 +50,12 @@ def instant_engine(config) -> InstantEngine:
     return InstantEngine(config)
 
 
+_build_stages = None  # pipelines.phi4mm's own, kept by main before it puts stand_in_stages in its place
+
+
 def stand_in_stages(config, run_id: str, ledger=None) -> list:
     """``pipelines.phi4mm.build_stages`` with the GPU stage's engine made by ``instant_engine``."""
-    from pipelines import phi4mm
-
-    cpu, gpu = phi4mm.real_build_stages(config, run_id, ledger)
+    cpu, gpu = _build_stages(config, run_id, ledger)
     kwargs = {**gpu.fn_constructor_kwargs, "engine_factory": instant_engine}
     return [cpu, gpu.model_copy(update={"fn_constructor_kwargs": kwargs, "env": {}})]
 
@@ -141,7 +142,8 @@ def main(argv=None) -> None:
     (work / "in").mkdir()
     write_input(work / "in", args.rows, args.files)
     model = tiny_checkpoint("vllm")
-    phi4mm.real_build_stages = phi4mm.build_stages
+    global _build_stages
+    _build_stages = phi4mm.build_stages
     phi4mm.build_stages = stand_in_stages  # the engine is the one stand-in
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=2)
     figures: dict = {"rows": args.rows, "files": args.files, "block_rows": 32}

@@ -22,11 +22,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from actors.engines.adapters import resolve_adapters
+from actors.engines.adapters import adapter_rank, resolve_adapters
 from pipelines.ids import IdColumn, IdReadError, partition, shown
 from pipelines.io import check_output_mode, check_run_id_unused
 from pipelines.storage import filesystem_for, redact, use
-from schemas.adapters import ADAPTERS, CONFIG_FILE, config_rank, engine_lora_rank
+from schemas.adapters import ADAPTERS, CONFIG_FILE, engine_lora_rank
 from schemas.errors import JobError
 from schemas.job import JobConfig, ModelConfig
 from schemas.model import PHI4MM, Adapter
@@ -109,7 +109,7 @@ def check_adapters(config: JobConfig) -> dict[Adapter, Path]:
         return {}
     dirs = resolve_adapters(model, config.storage)
     local = {a: d for a, d in dirs.items() if a in model.adapters.custom() or "://" not in model.path}
-    ranks = {a: _rank(a, d) for a, d in local.items()}  # the engine sizes its LoRA slots from them
+    ranks = {a: adapter_rank(d, f"the {a} adapter") for a, d in local.items()}  # as the engine will
     if model.max_lora_rank and ranks:
         adapter, rank = max(ranks.items(), key=lambda t: t[1])
         if model.max_lora_rank < rank:
@@ -118,18 +118,6 @@ def check_adapters(config: JobConfig) -> dict[Adapter, Path]:
                 f"Try max_lora_rank: {engine_lora_rank(rank)}, or leave it out to size it from the adapters."
             )
     return dirs
-
-
-def _rank(adapter: Adapter, folder: Path) -> int:
-    """The adapter's rank, one vLLM serves (``config_rank``); JobError for a config it cannot read."""
-    path = folder / CONFIG_FILE
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise JobError(
-            f"the {adapter} adapter {path} cannot be read ({e}). Try a PEFT LoRA folder, or model.use_lora: false."
-        ) from None
-    return config_rank(f"the {adapter} adapter", str(path), text)[1]
 
 
 _shown = shown

@@ -28,7 +28,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipelines.storage import filesystem_for, redact
-from schemas.adapters import ADAPTERS, CONFIG_FILE, check_adapter_dir, check_files, engine_lora_rank
+from schemas.adapters import (
+    ADAPTERS,
+    CONFIG_FILE,
+    check_adapter_dir,
+    check_files,
+    config_rank,
+    engine_lora_rank,
+)
 from schemas.errors import JobError
 from schemas.job import ModelConfig, StorageConfig
 from schemas.model import PHI4MM, Adapter
@@ -66,17 +73,21 @@ def resolve_adapters(model: ModelConfig, storage: StorageConfig | None = None) -
     return dirs
 
 
-def adapter_rank(directory: Path) -> int:
-    """The rank ``r`` in an adapter folder's adapter_config.json."""
+def adapter_rank(directory: Path, key: str = "LoRA adapter") -> int:
+    """The largest rank in an adapter folder's adapter_config.json, one vLLM serves (``config_rank``);
+    JobError, ``key`` naming the adapter, when the file is missing or cannot be read."""
     cfg_file = directory / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise FileNotFoundError(
-            f"LoRA adapter config {cfg_file} is missing. Phi-4-multimodal ships {PHI4MM.vision_lora_dir}/ and "
+    try:
+        text = cfg_file.read_text()
+    except FileNotFoundError:
+        raise JobError(
+            f"{key} config {cfg_file} is missing. Phi-4-multimodal ships {PHI4MM.vision_lora_dir}/ and "
             f"{PHI4MM.speech_lora_dir}/ beside its weights; point model.path at the full checkpoint, "
             "or try model.use_lora: false to run the base model."
-        )
-    cfg = json.loads(cfg_file.read_text())
-    return max([int(cfg["r"]), *map(int, (cfg.get("rank_pattern") or {}).values())])
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"{key} {cfg_file} cannot be read ({e}). Try a PEFT LoRA folder.") from None
+    return config_rank(key, str(cfg_file), text)[1]
 
 
 def lora_rank_of(dirs: dict[Adapter, Path]) -> int:
