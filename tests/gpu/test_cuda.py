@@ -64,3 +64,27 @@ def test_pipeline_on_cuda_one_row_per_input(cuda_ray, config, dataset):
     assert {r["id"]: r["error_code"] for r in out if r["status"] == "error"} == SAMPLE_ERRORS
     (engine,) = summary["engines"].values()
     assert engine["requests"] >= summary["status"]["ok"]
+
+
+def test_segments_on_cuda_each_engine_starts_once_the_last_freed_the_gpu(cuda_ray, tiny_model, tmp_path):
+    """``resources.segment_rows``: each segment is a Ray Data execution with GPU actors of its own. Each
+    engine here asks for more than half the GPU, so a segment whose engine started before the previous
+    segment's had let go of the GPU could not start; every row is answered once."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    ids = {"0.parquet": ["a", "b"], "1.parquet": ["c", "d", "e"]}
+    for name, rows in ids.items():
+        pq.write_table(pa.table({"id": rows, "prompt": [f"Say {i}." for i in rows]}), inbox / name)
+    sections = cuda_sections(0.55)
+    sections["resources"]["segment_rows"] = 2
+    config = make_config(
+        tiny_model,
+        tmp_path,
+        input={"path": str(inbox), "columns": {"image": None, "audio": None}},
+        sampling={"max_tokens": 2},
+        **sections,
+    )
+    summary = run_pipeline(config, run_id="cuda-segments")
+    assert summary["audit"]["ok"] and summary["status"] == {"ok": 5}
+    assert sorted(e["requests"] for e in summary["engines"].values()) == [2, 3]  # one engine per segment
+    assert sorted(pq.read_table(config.output.path).column("id").to_pylist()) == list("abcde")
