@@ -187,8 +187,11 @@ def write_config(profile: str, mode: str, data: Path, model: Path, work: Path) -
     job["output"] = {"path": str(work / f"out-{mode}"), "mode": "overwrite"}
     transformers = job["engine"].get("backend") == "transformers"
     job["model"]["path"] = str(transformers_checkpoint(model) if transformers else model)
-    if profile == "cuda":  # one cache root: the pipeline's and the engine side's compiled graphs are shared
-        job["engine"]["compile_cache_dir"] = str(work / "compile-cache")
+    if profile == "cuda":
+        # Every side starts on a cache of its own (cold on a fresh work dir), so no side's start is
+        # flattered by graphs another side compiled; the engine alone reuses the pipeline's on purpose.
+        side = "pipeline" if mode == "engine" else mode
+        job["engine"]["compile_cache_dir"] = str(work / f"compile-cache-{side}")
     path = work / f"config-{mode}.yaml"
     path.write_text(yaml.safe_dump(job))
     return path

@@ -68,14 +68,22 @@ def test_pipeline_on_cuda_one_row_per_input(cuda_ray, config, dataset):
 
 def test_segments_on_cuda_each_engine_starts_once_the_last_freed_the_gpu(cuda_ray, tiny_model, tmp_path):
     """``resources.segment_rows``: each segment is a Ray Data execution with GPU actors of its own. Each
-    engine here asks for more than half the GPU, so a segment whose engine started before the previous
-    segment's had let go of the GPU could not start; every row is answered once."""
+    engine here asks for more than half of the GPU memory still free (earlier tests' engines in this
+    process may hold some), so a segment whose engine started before the previous segment's had let go
+    of the GPU could not start; every row is answered once."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    share = round(0.6 * free / total, 3)  # one engine fits, two at once do not
+    assert share * total > 4 * 2**30, (
+        f"only {free / 2**30:.1f} GiB of the GPU free; the tiny engine needs ~4 GiB"
+    )
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     ids = {"0.parquet": ["a", "b"], "1.parquet": ["c", "d", "e"]}
     for name, rows in ids.items():
         pq.write_table(pa.table({"id": rows, "prompt": [f"Say {i}." for i in rows]}), inbox / name)
-    sections = cuda_sections(0.55)
+    sections = cuda_sections(share)
     sections["resources"]["segment_rows"] = 2
     config = make_config(
         tiny_model,
