@@ -1,6 +1,7 @@
 """The pipeline against the plain vLLM script and the engine alone, on the same rows, engine and sampling.
 
     python -m bench.gpu [--rows N] [--profile cuda|cpu] [--modes plain,pipeline,engine] [--work DIR]
+    python -m bench.gpu --rows 10000 --plain-chunk-rows 1000   # a plain script that fits in host memory
     python -m bench.gpu --modes pipeline,pipeline-transformers   # vLLM against transformers, both pipelined
 
 One command on a GPU machine: builds a mixed dataset of distinct rows (``bench.dataset``: photos up to
@@ -197,7 +198,9 @@ def write_config(profile: str, mode: str, data: Path, model: Path, work: Path) -
     return path
 
 
-def run_side(mode: str, config: Path, work: Path, monitor: Monitor, lora_cost: int) -> dict:
+def run_side(
+    mode: str, config: Path, work: Path, monitor: Monitor, lora_cost: int, plain_chunk_rows: int = 0
+) -> dict:
     """One side in a fresh process, with the engine's environment. Its figures (from its own marks and the
     monitor's samples) and samples go to ``work/side-<mode>.json``, so sides run in separate invocations
     (one device call each) make one report."""
@@ -217,6 +220,8 @@ def run_side(mode: str, config: Path, work: Path, monitor: Monitor, lora_cost: i
         str(result_path),
         "--lora-cost",
         str(lora_cost),
+        "--chunk-rows",
+        str(plain_chunk_rows),
     ]
     with open(work / f"log-{mode}.txt", "w") as log:
         subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -326,6 +331,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lora-cost", type=int, help="engine side: rows rerun with and without adapters")
     parser.add_argument("--out", help="result JSON (default bench/results/gpu-<profile>-<host>.json)")
+    parser.add_argument(
+        "--plain-chunk-rows",
+        type=int,
+        default=0,
+        help="plain side: start the engine, then decode and generate this many rows at a time (default 0: "
+        "decode every row first, which holds them all in memory: ~23 GiB per 1,000 rows of the cuda mix)",
+    )
     args = parser.parse_args(argv)
     profile = args.profile or ("cuda" if _has_gpu() else "cpu")
     spec = PROFILES[profile]
@@ -344,9 +356,8 @@ def main(argv=None) -> None:
         lora_cost = spec["lora_cost"] if args.lora_cost is None else args.lora_cost
         try:
             for mode in modes:
-                side = run_side(
-                    mode, write_config(profile, mode, data, model, work), work, monitor, lora_cost
-                )
+                config = write_config(profile, mode, data, model, work)
+                side = run_side(mode, config, work, monitor, lora_cost, args.plain_chunk_rows)
                 print(f"{mode}: {json.dumps(side['figures'])}", flush=True)
         finally:
             monitor.stop()

@@ -142,6 +142,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--lora-cost", type=int, default=0, help="engine mode: rows run with and without adapters"
     )
+    parser.add_argument(
+        "--chunk-rows", type=int, default=0, help="plain mode: decode and generate this many rows at a time"
+    )
     args = parser.parse_args(argv)
     marks = {"start": START}
     config = JobConfig.from_yaml(args.config)
@@ -150,7 +153,7 @@ def main(argv=None) -> None:
     elif args.mode == "plain":
         from bench.plain_vllm import run
 
-        result = run(config, marks)
+        result = run(config, marks, args.chunk_rows)
     else:
         result = run_engine(config, marks, args.lora_cost)
     marks["done"] = time.time()

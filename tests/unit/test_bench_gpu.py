@@ -45,3 +45,16 @@ def test_ratios_compare_transformers_with_vllm_in_the_pipeline():
     assert out["transformers_over_vllm.rows_per_s"] == 0.5
     assert out["transformers_over_vllm.steady.gen_tok_per_s"] == 0.333
     assert out["transformers_over_vllm.engine_up"] == 2.0  # started twice as fast
+
+
+def test_every_cuda_side_compiles_into_a_cache_of_its_own_but_the_engine_reuses_the_pipelines(tmp_path):
+    """So no side's start is flattered by graphs another side compiled on the same work directory."""
+    caches = {
+        mode: JobConfig.from_yaml(
+            gpu.write_config("cuda", mode, tmp_path / "d", tmp_path / "m", tmp_path)
+        ).engine.compile_cache_dir
+        for mode in gpu.SIDES
+    }
+    assert caches["engine"] == caches["pipeline"]
+    others = [c for mode, c in caches.items() if mode != "engine"]
+    assert len(set(others)) == len(others)
