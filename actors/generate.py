@@ -23,9 +23,9 @@ from actors.engines.contract import EngineFactory, EngineRequest, EngineResult
 from actors.multitask import finish_row, run_task_rows
 from actors.output_check import choice_probs, verdict
 from schemas.job import JobConfig
-from schemas.multitask import TASK_PREFIX, TASK_RESULT
+from schemas.multitask import TASK_PREFIX
 from schemas.output import carried_names
-from schemas.rows import OUTPUT_SCHEMA, ErrorCode, Status, output_row_from_prepared
+from schemas.rows import OUTPUT_SCHEMA, TASK_RESULT, ErrorCode, Status, output_row_from_prepared
 
 
 def run_init_hook(spec: str | None) -> None:

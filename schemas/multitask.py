@@ -6,7 +6,7 @@
 
 A row's media are decoded and prepared once; each task is its own request (or ``n`` requests) to the engine,
 with the same media tags first in every prompt so the engine's prefix and encoder caches serve the row's
-other tasks. The output keeps one row per input row and adds one struct column per task (``TASK_RESULT``,
+other tasks. The output keeps one row per input row and adds one struct column per task (``schemas.rows.TASK_RESULT``,
 named after the task). Nothing here imports torch, vllm or ray.
 """
 
@@ -49,23 +49,6 @@ class TaskSpec(TaskConfig):
 
 # A choice's probability: the output's choice_probs items, a row's (schemas.rows) as a task's.
 CHOICE_PROB = pa.struct([("choice", pa.string()), ("prob", pa.float32())])
-
-# One task's answer for one row: its own status, the engine's figures, and its samples when n > 1.
-TASK_RESULT = pa.struct(
-    [
-        pa.field("status", pa.string()),
-        pa.field("error_code", pa.string()),
-        pa.field("error_message", pa.string()),
-        pa.field("text", pa.string()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("prompt_tokens", pa.int32()),
-        pa.field("completion_tokens", pa.int32()),
-        pa.field("logprob_mean", pa.float32()),
-        pa.field("logprob_min", pa.float32()),
-        pa.field("choice_probs", pa.list_(CHOICE_PROB)),
-        pa.field("samples", pa.list_(pa.string())),
-    ]
-)
 
 # A prepared row's task: its prompt and token count, or the error that keeps it from running.
 PREPARED_TASK = pa.struct(

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from schemas.annotation import JsonArrow
-from schemas.multitask import TASK_PREFIX, TASK_RESULT
-from schemas.rows import MEDIA_STRUCT, OUTPUT_SCHEMA, Status
+from schemas.multitask import TASK_PREFIX
+from schemas.rows import MEDIA_STRUCT, OUTPUT_SCHEMA, TASK_RESULT, Status
 
 HF_METADATA_KEY = b"huggingface"  # where datasets keeps its features in a Parquet file's schema
 CARRY_PREFIX = "carry:"  # carried input columns between the stages: no clash with the stages' own columns

@@ -160,6 +160,18 @@ OUTPUT_SCHEMA = pa.schema(
     metadata={"phi4mm_batch.output_schema_version": "4"},
 )
 
+# One task's answer for one row (schemas.multitask): the output's own status and engine fields, by name, so
+# a task's struct and the row's columns cannot drift apart (all nullable inside the struct, as in
+# schema version 4); and its samples when n > 1.
+TASK_RESULT = pa.struct(
+    [
+        OUTPUT_SCHEMA.field(name).with_nullable(True)
+        for name in ("status", "error_code", "error_message", "text", "finish_reason", "prompt_tokens",
+                     "completion_tokens", "logprob_mean", "logprob_min", "choice_probs")
+    ]
+    + [pa.field("samples", pa.list_(pa.string()))]
+)  # fmt: skip
+
 OUTPUT_COLUMN_DOCS: dict[str, str] = {
     "id": "The input row's id, copied verbatim.",
     "status": "'ok' (text is the model's answer) or 'error' (error_code/error_message say why). "

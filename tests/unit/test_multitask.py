@@ -10,9 +10,9 @@ from actors.engines.contract import EngineResult
 from actors.generate import GenerateRows
 from actors.multitask import completion_budget, task_struct
 from actors.preprocess import PreprocessRows
-from schemas.multitask import TASK_PREFIX, TASK_RESULT, TaskSpec
+from schemas.multitask import TASK_PREFIX, TaskSpec
 from schemas.output import OutputShape
-from schemas.rows import MEDIA_STRUCT, OUTPUT_SCHEMA
+from schemas.rows import MEDIA_STRUCT, OUTPUT_SCHEMA, TASK_RESULT
 from tests.helpers import MEDIA, make_config
 
 TASKS = {
