@@ -262,9 +262,11 @@ class PreprocessRows:
             )
         adapter = PHI4MM.adapter_for(len(images), len(audios)) if self.config.model.use_lora else None
         if tasks:
+            # the longest prompt is counted already, with the row's final media (one request unless chunked)
+            known = {} if chunked else {prompt: counts[0]}
             out["tasks"] = [
                 self._task_entry(
-                    name, prompts.get(name), instructions[name], images, clips, out["max_tokens"]
+                    name, prompts.get(name), instructions[name], images, clips, out["max_tokens"], known
                 )
                 for name in tasks
             ]
@@ -315,11 +317,12 @@ class PreprocessRows:
         except RowError as e:
             return e
 
-    def _task_entry(self, name, prompt, instruction, images, clips, row_max_tokens) -> dict:
-        """A task's ``PREPARED_TASK``: its prompt and exact count, or its error (its own or too long)."""
+    def _task_entry(self, name, prompt, instruction, images, clips, row_max_tokens, known: dict) -> dict:
+        """A task's ``PREPARED_TASK``: its prompt and exact count, or its error (its own or too long).
+        ``known``: prompts of this row already counted with these media, and their counts."""
         if prompt is None:
             return task_entry(name, error=instruction)
-        count = self._count(prompt, _sizes(images), clips)
+        count = known[prompt] if prompt in known else self._count(prompt, _sizes(images), clips)
         max_tokens = row_max_tokens or self.config.tasks[name].max_tokens or self.config.sampling.max_tokens
         if count + max_tokens > self.config.engine.max_model_len:
             return task_entry(name, error=RowError(

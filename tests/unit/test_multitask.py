@@ -207,3 +207,16 @@ def test_the_summary_counts_each_tasks_finish_reason_looped_answers_included():
     stats = WriteStats.of_table(pa.Table.from_pylist(rows, schema))
     assert stats.finish_reasons == {"stop": 1, "repetition": 2, "length": 1}  # rows' own are null with tasks
     assert stats.tasks == {"a": {"ok": 2}, "b": {"ok": 2}}
+
+
+def test_each_tasks_prompt_is_counted_once_per_row_the_longest_included(stages, tiny_tokenizer):
+    """The longest task prompt decides whether the row fits; its count serves its task too (it was
+    tokenized twice), and every task's count stays the tokenizer's exact count."""
+    _, pre, _ = stages
+    counted = []
+    count = pre.counter.count
+    pre.counter.count = lambda prompt, *a: counted.append(prompt) or count(prompt, *a)
+    prepared = pre(_text_rows().slice(0, 1)).to_pylist()[0]
+    prompts = [t["prompt"] for t in prepared["tasks"]]
+    assert len(prompts) == 3 and sorted(counted) == sorted(prompts)
+    assert all(t["prompt_tokens"] == len(tiny_tokenizer.encode(t["prompt"])) for t in prepared["tasks"])
