@@ -1,7 +1,7 @@
 """Entrypoint: run a phi4mm-batch job.
 
     python -m jobs.run --config FILE.yaml [--input PATH] [--output PATH] [--model PATH] [--limit N]
-        [--mode resume|overwrite|error] [--run-id ID] [--set KEY=VALUE ...] [--dry-run [--tokens-per-s R]]
+        [--mode resume|overwrite|error] [--run-id ID] [--set KEY=VALUE ...] [--dry-run [--tokens-per-s R] [--workers N]]
 
 Without a cluster it starts a local Ray; under ``ray job submit --working-dir . -- python -m jobs.run …``
 (or with RAY_ADDRESS set) it joins that cluster. Prints a summary and writes it beside the output as
@@ -52,9 +52,9 @@ def _at_least_one(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:  # 0 used to mean "no limit" and ran everything
+    if value < 1:  # --limit 0 used to mean "no limit" and ran everything
         raise argparse.ArgumentTypeError(
-            f"must be at least 1, got {value}; leave --limit out to run every row"
+            f"must be at least 1, got {value}; leave the option out for its default"
         )
     return value
 
@@ -90,6 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tokens-per-s",
         type=_positive,
         help="--dry-run: tokens per second of one GPU engine (default: the committed H200 benchmark's).",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_at_least_one,
+        help="--dry-run: processes running the CPU stage (default: this machine's cores once the input has "
+        "more than four batches per core, else fewer; 1 runs it in this process).",
     )
     return parser.parse_args(argv)
 
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:  # no lock, no Ray, nothing written
         from pipelines.dry_run import dry_run, format_dry_run
 
-        report = dry_run(config, plan, args.tokens_per_s)
+        report = dry_run(config, plan, args.tokens_per_s, args.workers)
         print(format_dry_run(report))
         print("DRY_RUN_JSON " + json.dumps(report))
         return 0

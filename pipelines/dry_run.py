@@ -2,7 +2,8 @@
 
     report = dry_run(config, plan)
 
-Runs the CPU stage (``actors.preprocess.PreprocessRows``) in this process over every row the run would
+Runs the CPU stage (``actors.preprocess.PreprocessRows``) on this machine's cores (``workers`` processes;
+by default all of them once the input has more than a few batches per core) over every row the run would
 process (resume's done rows and a --limit applied as the run applies them), and reports the rows by
 status and error code, the prompt tokens by modality, and an estimated GPU time: prompt tokens plus at
 most each row's max_tokens, at a tokens-per-second rate. The default rate comes from the committed H200
@@ -13,8 +14,12 @@ is written and the output's lock is not taken.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -68,48 +73,86 @@ def _batches(config: JobConfig, plan: JobPlan, done_ids: pa.Array):
                     yield table
 
 
-def dry_run(config: JobConfig, plan: JobPlan, tokens_per_s: float | None = None) -> dict:
-    """The dry run's report (see the module doc); ``tokens_per_s`` overrides the benchmark's rate."""
-    from actors.multitask import completion_budget
+# What the report counts of each prepared row.
+COUNTED = [
+    "status",
+    "error_code",
+    "num_images",
+    "num_audios",
+    "prompt_tokens",
+    "max_tokens",
+    "audio_chunks",
+    "tasks",
+]
+_STAGE = None  # a worker process's CPU stage
+
+
+def _start_worker(config: JobConfig) -> None:
+    global _STAGE
     from actors.preprocess import PreprocessRows
+
+    _STAGE = PreprocessRows(config)
+
+
+def _prepare(table: pa.Table) -> list[dict]:
+    return _STAGE(table).select(COUNTED).to_pylist()
+
+
+def default_workers(plan: JobPlan, batch_size: int) -> int:
+    """All cores once there are at least four batches per core; fewer (one for a small input) below,
+    where starting processes (each loads the tokenizer) would cost more than it saves."""
+    return max(1, min(os.cpu_count() or 1, plan.input_rows // (4 * batch_size)))
+
+
+def prepared_rows(config: JobConfig, batches, workers: int) -> Iterator[dict]:
+    """Every batch through the CPU stage, as the columns the report counts, on ``workers`` processes (in
+    this process for one). At most two batches per worker are in flight, so memory stays bounded whatever
+    the input's size; the report's counts do not depend on the order batches finish in."""
+    if workers <= 1:
+        _start_worker(config)
+        for table in batches:
+            yield from _prepare(table)
+        return
+    # spawn, not fork: the parent may hold a tokenizer's threads and Arrow's pools
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(config,)) as pool:
+        pending = deque()
+        for table in batches:
+            pending.append(pool.submit(_prepare, table))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def dry_run(
+    config: JobConfig, plan: JobPlan, tokens_per_s: float | None = None, workers: int | None = None
+) -> dict:
+    """The dry run's report (see the module doc); ``tokens_per_s`` overrides the benchmark's rate,
+    ``workers`` the number of CPU-stage processes (default ``default_workers``)."""
+    from actors.multitask import completion_budget
 
     started = time.perf_counter()
     done = committed_ids(config.output.path) if config.output.mode == "resume" else pa.array([], pa.string())
-    stage = PreprocessRows(config)
+    workers = workers or default_workers(plan, config.resources.preprocess.batch_size)
     status, codes = Counter(), Counter()
     rows_by, tokens_by = Counter(), Counter()
     completion = 0
-    for table in _batches(config, plan, done):
-        for row in (
-            stage(table)
-            .select(
-                [
-                    "status",
-                    "error_code",
-                    "num_images",
-                    "num_audios",
-                    "prompt_tokens",
-                    "max_tokens",
-                    "audio_chunks",
-                    "tasks",
-                ]
-            )
-            .to_pylist()
-        ):
-            if config.tasks and row["status"] == Status.OK.value and not completion_budget(row, config):
-                # no task can run on the row (each has its own error): the run writes it as TASKS_FAILED
-                row.update(status=Status.ERROR.value, error_code=ErrorCode.TASKS_FAILED.value)
-            status[row["status"]] += 1
-            if row["status"] != Status.OK.value:
-                codes[row["error_code"]] += 1
-                continue
-            modality = _modality(row["num_images"], row["num_audios"])
-            rows_by[modality] += 1
-            tokens_by[modality] += row["prompt_tokens"]
-            if config.tasks:  # each runnable task's budget, once per sample
-                completion += completion_budget(row, config)
-            else:
-                completion += (row["max_tokens"] or config.sampling.max_tokens) * (row["audio_chunks"] or 1)
+    for row in prepared_rows(config, _batches(config, plan, done), workers):
+        if config.tasks and row["status"] == Status.OK.value and not completion_budget(row, config):
+            # no task can run on the row (each has its own error): the run writes it as TASKS_FAILED
+            row.update(status=Status.ERROR.value, error_code=ErrorCode.TASKS_FAILED.value)
+        status[row["status"]] += 1
+        if row["status"] != Status.OK.value:
+            codes[row["error_code"]] += 1
+            continue
+        modality = _modality(row["num_images"], row["num_audios"])
+        rows_by[modality] += 1
+        tokens_by[modality] += row["prompt_tokens"]
+        if config.tasks:  # each runnable task's budget, once per sample
+            completion += completion_budget(row, config)
+        else:
+            completion += (row["max_tokens"] or config.sampling.max_tokens) * (row["audio_chunks"] or 1)
     rate, source = (tokens_per_s, "--tokens-per-s") if tokens_per_s else (default_rate() or (None, None))
     total = sum(tokens_by.values()) + completion
     engines = pool_bounds(config.resources.generate.concurrency)[1]
@@ -129,6 +172,7 @@ def dry_run(config: JobConfig, plan: JobPlan, tokens_per_s: float | None = None)
         "gpu_actors": engines,
         "wall_s_at_gpu_actors": round(total / rate / engines, 1) if rate else None,
         "dry_run_s": round(time.perf_counter() - started, 2),
+        "dry_run_workers": workers,
     }
 
 

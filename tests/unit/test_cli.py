@@ -124,3 +124,30 @@ def test_dry_run_skips_what_resume_would_and_takes_a_given_rate(job, capsys):
     )
     assert report["wall_s_at_gpu_actors"] == pytest.approx(total / 200, abs=0.1)
     assert sorted(os.listdir(out)) == before
+
+
+def test_dry_run_on_worker_processes_counts_as_in_this_process(job, capsys):
+    """--workers N runs the CPU stage in N spawned processes (a big input's dry run uses every core);
+    the report is the same as in this process, whatever order the batches finish in."""
+    cfg, _ = job
+    reports = {}
+    for workers in ("1", "2"):
+        assert (
+            main(
+                [
+                    "--config",
+                    cfg,
+                    "--dry-run",
+                    "--workers",
+                    workers,
+                    "--set",
+                    "resources.preprocess.batch_size=3",
+                ]
+            )
+            == 0
+        )
+        report = json.loads(capsys.readouterr().out.split("DRY_RUN_JSON ", 1)[1])
+        assert report.pop("dry_run_workers") == int(workers)
+        report.pop("dry_run_s")
+        reports[workers] = report
+    assert reports["1"] == reports["2"] and reports["1"]["status"] == {"ok": 10, "error": 2}
