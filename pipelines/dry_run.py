@@ -101,7 +101,8 @@ def _prepare(table: pa.Table) -> list[dict]:
 def default_workers(plan: JobPlan, batch_size: int) -> int:
     """All cores once there are at least four batches per core; fewer (one for a small input) below,
     where starting processes (each loads the tokenizer) would cost more than it saves."""
-    return max(1, min(os.cpu_count() or 1, plan.input_rows // (4 * batch_size)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, plan.input_rows // (4 * batch_size)))  # the cores this process may use
 
 
 def prepared_rows(config: JobConfig, batches, workers: int) -> Iterator[dict]:
