@@ -98,19 +98,22 @@ def run(config: JobConfig, marks: dict, chunk_rows: int = 0) -> dict:
         kwargs.pop(ours)
     loras = lora_requests(config)
     params = sampling_params(config)
-    llm, started, outputs = None, None, []
+
+    def start_engine():
+        marks["engine_construct"] = time.time()
+        llm = LLM(**kwargs)
+        marks["engine_up"] = time.time()
+        return llm
+
+    llm, outputs = start_engine() if chunk_rows else None, []
     counts = {"rows": 0, "failed": 0, "decode_s": 0.0}
     for rows in chunks:
-        if chunk_rows and llm is None:
-            started = time.time()
-            llm, marks["engine_up"] = LLM(**kwargs), time.time()
         t = time.time()
         prompts, adapters = _decode_rows(rows, root, config, counts)
         # decode-all: from the process's start (imports, reading, decoding), as the earlier runs reported
         counts["decode_s"] += time.time() - (t if chunk_rows else marks["start"])
-        if llm is None:  # every row decoded: now the engine
-            started = time.time()
-            llm, marks["engine_up"] = LLM(**kwargs), time.time()
+        if llm is None:  # decode-all: every row decoded, now the engine
+            llm = start_engine()
         outputs += llm.generate(
             prompts, params, lora_request=[loras.get(a) for a in adapters], use_tqdm=False
         )
@@ -129,7 +132,7 @@ def run(config: JobConfig, marks: dict, chunk_rows: int = 0) -> dict:
         "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
         "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
         "decode_s": round(counts["decode_s"], 2),
-        "engine_start_s": round(marks["engine_up"] - started, 2),
+        "engine_start_s": round(marks["engine_up"] - marks["engine_construct"], 2),
         "chunk_rows": chunk_rows,
     }
 
