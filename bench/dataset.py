@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import multiprocessing
 import os
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -42,6 +39,7 @@ import soxr
 from PIL import Image, ImageChops, ImageEnhance
 
 from jobs.make_sample_data import MEDIA_DIR, SCHEMA
+from pipelines.cpu_pool import in_order
 
 KINDS = ("image", "audio", "text", "image_audio")
 DEFAULT_MIX = {"image": 0.4, "audio": 0.3, "text": 0.2, "image_audio": 0.1}
@@ -242,22 +240,6 @@ def build_chunk(task: tuple[int, list[str], Spec]) -> pa.Table:
     return pa.Table.from_pylist([make_row(start + i, k, spec) for i, k in enumerate(kinds)], schema=SCHEMA)
 
 
-def _in_order(tasks: list, workers: int):
-    """Chunks in order, at most 2 per worker in flight, so memory stays bounded."""
-    if workers <= 1:
-        yield from map(build_chunk, tasks)
-        return
-    # spawn: the parent runs pyarrow's threads while the pool grows, and fork would copy their locks
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = deque()
-        for task in tasks:
-            pending.append(pool.submit(build_chunk, task))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 class _Sink:
     """Part files of ``per_file`` rows written in row groups of ``per_group`` rows as chunks arrive."""
 
@@ -318,7 +300,7 @@ def build_dataset(
     tasks = [(s, kinds[s : s + chunk], spec) for s in range(0, rows, chunk)]
     per_file, per_group = LAYOUTS[layout]
     sink = _Sink(out, per_file or (rows if layout == "one-file" else math.ceil(rows / 4)), per_group or rows)
-    for table in _in_order(tasks, workers):
+    for table in in_order(build_chunk, tasks, workers):  # chunks in order, bounded in flight
         sink.add(table)
     sink.close()
     written = sink.files + (sorted((out / "media").iterdir()) if media == "path" else [])

@@ -23,7 +23,6 @@ START = time.time()  # before the heavy imports: they are part of every side's s
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 
 from schemas.job import JobConfig  # noqa: E402
 
@@ -52,29 +51,16 @@ def run_pipeline(config_path: str, marks: dict) -> dict:
     }
 
 
-_STAGE = None
-
-
-def _prepare_init(config: JobConfig) -> None:
-    global _STAGE
-    from actors.preprocess import PreprocessRows
-
-    _STAGE = PreprocessRows(config)
-
-
-def _prepare(batch):
-    return _STAGE(batch)
-
-
 def prepare_all(config: JobConfig):
     """Every input row through the CPU stage, on all cores: the engine side's inputs, made beforehand."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
+    from pipelines.cpu_pool import prepare_in_processes, usable_cores
+
     table = pads.dataset(config.input.path, format="parquet").to_table()
-    batches = [table.slice(i, 16) for i in range(0, table.num_rows, 16)]
-    with ProcessPoolExecutor(os.cpu_count(), initializer=_prepare_init, initargs=(config,)) as pool:
-        return pa.concat_tables(pool.map(_prepare, batches))
+    batches = (table.slice(i, 16) for i in range(0, table.num_rows, 16))
+    return pa.concat_tables(prepare_in_processes(config, batches, usable_cores()))
 
 
 def _with_fresh_keys(prompt: dict, suffix: str) -> dict:

@@ -14,17 +14,14 @@ is written and the output's lock is not taken.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import time
-from collections import Counter, deque
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.cpu_pool import prepare_in_processes, usable_cores
 from pipelines.io import committed_ids
 from pipelines.storage import redact
 from pipelines.validate import JobPlan
@@ -84,46 +81,12 @@ COUNTED = [
     "audio_chunks",
     "tasks",
 ]
-_STAGE = None  # a worker process's CPU stage
-
-
-def _start_worker(config: JobConfig) -> None:
-    global _STAGE
-    from actors.preprocess import PreprocessRows
-
-    _STAGE = PreprocessRows(config)
-
-
-def _prepare(table: pa.Table) -> list[dict]:
-    return _STAGE(table).select(COUNTED).to_pylist()
 
 
 def default_workers(plan: JobPlan, batch_size: int) -> int:
-    """All cores once there are at least four batches per core; fewer (one for a small input) below,
-    where starting processes (each loads the tokenizer) would cost more than it saves."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, plan.input_rows // (4 * batch_size)))  # the cores this process may use
-
-
-def prepared_rows(config: JobConfig, batches, workers: int) -> Iterator[dict]:
-    """Every batch through the CPU stage, as the columns the report counts, on ``workers`` processes (in
-    this process for one). At most two batches per worker are in flight, so memory stays bounded whatever
-    the input's size; the report's counts do not depend on the order batches finish in."""
-    if workers <= 1:
-        _start_worker(config)
-        for table in batches:
-            yield from _prepare(table)
-        return
-    # spawn, not fork: the parent may hold a tokenizer's threads and Arrow's pools
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(config,)) as pool:
-        pending = deque()
-        for table in batches:
-            pending.append(pool.submit(_prepare, table))
-            if len(pending) >= 2 * workers:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
+    """All usable cores once there are at least four batches per core; fewer (one for a small input)
+    below, where starting processes (each loads the tokenizer) would cost more than it saves."""
+    return max(1, min(usable_cores(), plan.input_rows // (4 * batch_size)))
 
 
 def dry_run(
@@ -139,7 +102,8 @@ def dry_run(
     status, codes = Counter(), Counter()
     rows_by, tokens_by = Counter(), Counter()
     completion = 0
-    for row in prepared_rows(config, _batches(config, plan, done), workers):
+    prepared = prepare_in_processes(config, _batches(config, plan, done), workers, COUNTED)
+    for row in (row for table in prepared for row in table.to_pylist()):
         if config.tasks and row["status"] == Status.OK.value and not completion_budget(row, config):
             # no task can run on the row (each has its own error): the run writes it as TASKS_FAILED
             row.update(status=Status.ERROR.value, error_code=ErrorCode.TASKS_FAILED.value)
