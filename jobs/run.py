@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from actors.engines.vllm_stats import work_line
 from pipelines.lock import OutputLock
 from pipelines.validate import validate_job
 from schemas.errors import JobError
@@ -190,6 +191,8 @@ def format_summary(summary: dict) -> str:
             f"  engine {actor:<20} start {engine['startup_s']} s, {engine['requests']} requests, "
             f"busy {engine['busy_s']} s, up to {engine['max_in_flight']} in flight"
         )
+        if work := engine.get("work"):
+            lines.append(f"    work {work_line(work)}")
     cpu = summary.get("cpu_actors", {})
     if cpu:
         rows = sorted(s["rows"] for s in cpu.values())

@@ -524,6 +524,23 @@ class EngineConfig(_Strict):
     max_num_seqs: int = Field(64, ge=1, description="Requests the engine batches at once.")
     max_num_batched_tokens: int | None = Field(None, ge=64, description="Token budget of one engine step.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    kv_cache_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        le=4096,
+        description=(
+            "GiB of KV cache per engine, set outright instead of what is left of gpu_memory_utilization after "
+            "vLLM's profiling run. Set it when engines share a GPU: each one profiles while the others hold "
+            "memory, so their caches come out unequal and small otherwise."
+        ),
+    )
+    async_scheduling: bool | None = Field(
+        None,
+        description=(
+            "vLLM's asynchronous scheduling (the next step is scheduled while the GPU runs this one); None: "
+            "vLLM's default (on where the executor supports it)."
+        ),
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans.")
     dynamic_hd: int = Field(
         PHI4MM.default_dynamic_hd,

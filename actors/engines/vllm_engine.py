@@ -15,6 +15,7 @@ from actors.engines.contract import EngineRequest, EngineResult, effective_sampl
 from actors.engines.vllm_annotation import annotation_params, confidence_of
 from actors.engines.vllm_loop import EngineLoop, LoopStats
 from actors.engines.vllm_plugin import PREPARED_ARCHITECTURE, register
+from actors.engines.vllm_stats import attach, requests_held
 from actors.features import MASK_SIDE, tensor_view
 from schemas.job import JobConfig
 from schemas.model import Adapter
@@ -45,7 +46,13 @@ def engine_kwargs(config: JobConfig, adapter_dirs: dict[Adapter, Path] | None = 
         mm_processor_kwargs={"dynamic_hd": engine.dynamic_hd},
         # structured outputs (schemas.annotation): compact JSON, fewer tokens and no whitespace to loop on
         structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+        # per-step statistics feed the run summary's useful-work figures (actors.engines.vllm_stats)
+        disable_log_stats=False,
     )
+    if engine.kv_cache_memory_gib:
+        kwargs["kv_cache_memory_bytes"] = int(engine.kv_cache_memory_gib * 2**30)
+    if engine.async_scheduling is not None:
+        kwargs["async_scheduling"] = engine.async_scheduling
     if engine.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
     if model.use_lora:
@@ -105,10 +112,13 @@ class Engine:
             for lora_id, (adapter, path) in enumerate(dirs.items(), start=1)
         }
         self.loop = EngineLoop(self.llm.llm_engine)
+        self.loop.work = attach(self.llm.llm_engine)
+        self._capacity_checked = False
         warm_up(self)
         # The run summary's counts are the rows' requests and steps: the warm-up's would make a 2,000-row
         # run read 2,001 requests. The loop is idle now (the warm-up's one request has come back).
         self.loop.stats = LoopStats()
+        self.loop.work.reset()
         self.startup_s = time.perf_counter() - started
         self.ready_at = time.time()  # wall clock, so a run can tell when its engines came up
         logger.info("vLLM engine ready in %.1f s", self.startup_s)
@@ -127,7 +137,33 @@ class Engine:
             **annotation_params(self.config, request),
         )
 
+    def _check_capacity(self, requests: list[EngineRequest]) -> None:
+        """Once, on the first rows: say so when the KV cache cannot hold the requests this engine is sent at
+        once, at these rows' sizes (they would wait, or be preempted and computed again)."""
+        counted = [r.prompt_tokens for r in requests if r.prompt_tokens]
+        if self._capacity_checked or not counted:
+            return
+        self._capacity_checked = True
+        size = (
+            sum(counted) / len(counted)
+            + effective_sampling(self.config.sampling, requests[0].sampling).max_tokens
+        )
+        held = requests_held(self.loop.work.kv_cache_tokens, size)
+        generate = self.config.resources.generate
+        sent = min(self.config.engine.max_num_seqs, generate.batch_size * generate.concurrent_batches)
+        if held < sent:
+            logger.warning(
+                "this engine's KV cache holds %d tokens: %d requests of these rows' size (%.0f tokens with "
+                "their new tokens), but up to %d run at once (engine.max_num_seqs %d; resources.generate: "
+                "batch_size x concurrent_batches %d); the rest wait or are preempted and computed again. Try "
+                "a larger engine.gpu_memory_utilization or engine.kv_cache_memory_gib, fewer engines per GPU, "
+                "or engine.max_num_seqs %d.",
+                self.loop.work.kv_cache_tokens, held, size, sent, self.config.engine.max_num_seqs,
+                generate.batch_size * generate.concurrent_batches, max(held, 1),
+            )  # fmt: skip
+
     def generate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        self._check_capacity(requests)
         futures = []
         for r in requests:
             try:
@@ -160,6 +196,7 @@ class Engine:
 
     def stats(self) -> dict:
         s = self.loop.stats
+        since_first = time.perf_counter() - s.first_admitted if s.first_admitted else 0.0
         return {"startup_s": round(self.startup_s, 2), "ready_at": round(self.ready_at, 3),
                 "requests": s.requests, "rejected": s.rejected, "steps": s.steps, "busy_s": round(s.busy_s, 2),
-                "max_in_flight": s.max_in_flight}  # fmt: skip
+                "max_in_flight": s.max_in_flight, "work": self.loop.work.figures(since_first)}  # fmt: skip

@@ -40,6 +40,7 @@ class LoopStats:
     steps: int = 0
     busy_s: float = 0.0
     max_in_flight: int = 0
+    first_admitted: float | None = None  # perf_counter when the first request went in
 
 
 class EngineLoop:
@@ -47,6 +48,7 @@ class EngineLoop:
         self.engine = engine
         self.on_engine_death = on_engine_death or _exit_process
         self.stats = LoopStats()
+        self.work = None  # actors.engines.vllm_stats.EngineWork, told each step's wall time
         self._ids = itertools.count()
         self._waiting: deque[Submission] = deque()
         self._running: dict[str, Submission] = {}
@@ -83,6 +85,8 @@ class EngineLoop:
                 sub.future.set_exception(e)
                 continue
             sub.admitted = time.perf_counter()
+            if self.stats.first_admitted is None:
+                self.stats.first_admitted = sub.admitted
             self._running[request_id] = sub
             self.stats.requests += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._running))
@@ -100,8 +104,11 @@ class EngineLoop:
             except BaseException as e:  # the engine is dead: nothing in flight can finish here
                 self.on_engine_death(e)
                 return
+            elapsed = time.perf_counter() - started
             self.stats.steps += 1
-            self.stats.busy_s += time.perf_counter() - started
+            self.stats.busy_s += elapsed
+            if self.work is not None:
+                self.work.step_timed(elapsed)
             for out in outputs:
                 if out.finished:
                     sub = self._running.pop(out.request_id, None)
