@@ -159,7 +159,9 @@ def build_inputs(
 # engine's kernels can run while the other is between steps on the CPU.
 VARIANTS = {
     "pipeline-shared": {
-        "engine": {"gpu_memory_utilization": 0.42},
+        # each engine's KV cache set outright (18 GiB: ~147k tokens of Phi-4-mm), or the two size theirs
+        # from what the other left free while both profile (schemas.job)
+        "engine": {"gpu_memory_utilization": 0.42, "kv_cache_memory_gib": 18},
         "resources": {"generate": {"concurrency": 2, "num_gpus": 0.5}},
     },
     # The pipeline without adapters on the same rows: what LoRA routing costs the pipeline.

@@ -252,6 +252,7 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         total,
         every_s=config.progress.every_s,
         log=not sys.stderr.isatty(),  # a terminal has Ray Data's progress bars
+        engines=lambda: ledger.actor_stats().get("generate", {}),
     ).start()
     from pipelines.writer import write_stream
 

@@ -46,8 +46,10 @@ class ProgressMonitor:
         every_s: float = 60.0,
         log: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        engines: Callable[[], dict[str, dict]] | None = None,
     ):
         self.poll, self.total, self.every_s, self.log, self.clock = poll, total, every_s, log, clock
+        self.engines = engines  # each GPU actor's engine stats, for the useful-work part of the lines
         self.started = clock()
         self.samples: list[Sample] = [Sample(0.0, 0, 0)]
         self._last_line = self.started
@@ -88,12 +90,28 @@ class ProgressMonitor:
         errors = f"errors {n_errors} ({codes}{more})" if n_errors else "errors 0"
         return f"progress: {now.rows}/{self.total} rows{share}, {rate:.2f} rows/s, ETA {eta}, {errors}"
 
+    def engines_part(self) -> str:
+        """``; engines: 2 up, KV peak 63%, waiting max 40, preempted 3`` from the engines' last reports
+        (vLLM's useful-work figures, ``actors.engines.vllm_stats``); empty before any engine reported."""
+        try:
+            works = [s["work"] for s in (self.engines() if self.engines else {}).values() if s.get("work")]
+        except Exception as e:  # the ledger briefly unreachable: the line without it
+            logger.debug("progress: engine stats not read (%s)", e)
+            return ""
+        if not works:
+            return ""
+        return (
+            f"; engines: {len(works)} up, KV peak {100 * max(w['kv_cache_usage_max'] for w in works):.0f}%, "
+            f"waiting max {max(w['waiting_max'] for w in works)}, "
+            f"preempted {sum(w['preemptions'] for w in works)}"
+        )
+
     def tick(self) -> None:
         """One sample; a log line when ``every_s`` has passed since the last one (and ``log``)."""
         now = self.sample()
         if self.log and self.clock() - self._last_line >= self.every_s:
             self._last_line = self.clock()
-            logger.info(self.line(now))
+            logger.info(self.line(now) + self.engines_part())
 
     def start(self) -> ProgressMonitor:
         def run():

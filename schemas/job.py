@@ -767,6 +767,15 @@ class JobConfig(_Strict):
                 f"share of its memory; engine.gpu_memory_utilization is {self.engine.gpu_memory_utilization}. "
                 f"Try gpu_memory_utilization: {gen.num_gpus * 0.9:.2f}."
             )
+        if 0 < gen.num_gpus < 1 and self.engine.backend == "vllm" and self.engine.kv_cache_memory_gib is None:
+            # Each engine profiles its memory while the others start, counts their allocations as its own,
+            # and sizes its KV cache from what is left (on an 80 GB card: 6% and 13% of one engine's cache).
+            raise ValueError(
+                f"engines sharing a GPU (resources.generate.num_gpus {gen.num_gpus}) need their KV cache set "
+                "outright, or each sizes it from what the others left free and holds too few requests. Try "
+                "engine.kv_cache_memory_gib: the card's GiB x gpu_memory_utilization minus the model's weights "
+                "and ~4 GiB of working memory (README, 'Two engines on one GPU'), or num_gpus: 1."
+            )
         return self
 
     @classmethod

@@ -143,3 +143,23 @@ def test_provenance_hashes_the_config_and_checkpoint_and_names_versions(tiny_mod
     assert in_use["speech"] == {"source": f"{tiny_model}/speech-lora", "custom": False,
                                 "sha256": tree_hash(dirs["speech"])}  # fmt: skip
     assert in_use["vision"]["sha256"] == record["checkpoint"]["adapters_sha256"]["vision"]
+
+
+def test_lines_add_the_engines_useful_work_once_they_report(caplog):
+    from actors.engines.vllm_stats import EngineWork
+
+    clock, engines = Clock(), {}
+    monitor = ProgressMonitor(lambda: {"a": _counts(10)}, total=40, every_s=10, clock=clock,
+                              engines=lambda: dict(engines))  # fmt: skip
+    caplog.set_level(logging.INFO, "phi4mm_batch.progress")
+    clock.now += 10
+    monitor.tick()  # no engine has reported yet: the line as before
+    busy, starved = EngineWork(kv_cache_tokens=100), EngineWork(kv_cache_tokens=100)
+    busy.kv_usage_max, busy.waiting_max, busy.preemptions = 0.9, 40, 3
+    starved.kv_usage_max, starved.preemptions = 0.2, 1
+    engines.update(x={"work": busy.figures(1.0)}, y={"work": starved.figures(1.0)}, z={"busy_s": 1.0})
+    clock.now += 10
+    monitor.tick()
+    first, second = (r.getMessage() for r in caplog.records)
+    assert "engines" not in first
+    assert second.endswith("; engines: 2 up, KV peak 90%, waiting max 40, preempted 4")

@@ -51,6 +51,8 @@ def test_every_output_column_is_documented():
          "Try executor: mp"),
         ({"resources": {"generate": {"num_gpus": 0.7}}}, "two engines cannot share it"),
         ({"resources": {"generate": {"num_gpus": 0.5}}}, "Try gpu_memory_utilization: 0.45"),
+        ({"engine": {"gpu_memory_utilization": 0.42}, "resources": {"generate": {"num_gpus": 0.5}}},
+         "need their KV cache set outright"),
         ({"media": {"chunk_seconds": 4, "chunk_overlap_seconds": 2}}, "under half"),
         ({"engine": {"max_model_lenn": 1}}, "Extra inputs are not permitted"),
     ],
