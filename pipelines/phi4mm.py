@@ -208,6 +208,9 @@ def run_pipeline(
 
 
 def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -> dict[str, Any]:
+    from pipelines.placement import check_placement
+
+    check_placement(config)  # a stage no node can host would wait forever: exit 2 before anything is read
     out = config.output
     done_ids = prepare_output(out)
     # Input rows of this run found done, not output rows: those may include rows outside a --limit.
