@@ -11,6 +11,7 @@ import importlib
 import os
 import socket
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -137,7 +138,10 @@ class GenerateRows:
         self.run_id = run_id
         self.ledger = ledger or LocalAttemptLedger()
         self.actor_key = f"{socket.gethostname()}:{os.getpid()}"
+        # progress lines say an engine is starting (a minute or more on a GPU) until its stats replace this
+        self.ledger.report("generate", self.actor_key, {"starting_since": round(time.time(), 3)})
         self.engine = engine_factory(config)
+        self.ledger.report("generate", self.actor_key, self.engine.stats())
         self._done_lock = threading.Lock()
         self.done = {"rows": 0, "ok": 0, "error_codes": Counter(), "prompt_tokens": 0, "completion_tokens": 0}
         self.ledger.report("device", self.actor_key, device_info())

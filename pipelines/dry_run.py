@@ -30,6 +30,7 @@ from schemas.rows import ErrorCode, Status
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu-cuda-h200.json"
 MODALITIES = ("text", "image", "audio", "image_audio")
+EXAMPLES = 3  # error rows shown per code: ids and messages, so a count says what went wrong
 
 
 def default_rate(path: Path = BENCHMARK) -> tuple[float, str] | None:
@@ -72,7 +73,9 @@ def _batches(config: JobConfig, plan: JobPlan, done_ids: pa.Array):
 
 # What the report counts of each prepared row.
 COUNTED = [
+    "id",
     "status",
+    "error_message",
     "error_code",
     "num_images",
     "num_audios",
@@ -100,6 +103,7 @@ def dry_run(
     done = committed_ids(config.output.path) if config.output.mode == "resume" else pa.array([], pa.string())
     workers = workers or default_workers(plan, config.resources.preprocess.batch_size)
     status, codes = Counter(), Counter()
+    examples: dict[str, list[dict]] = {}
     rows_by, tokens_by = Counter(), Counter()
     completion = 0
     prepared = prepare_in_processes(config, _batches(config, plan, done), workers, COUNTED)
@@ -110,6 +114,9 @@ def dry_run(
         status[row["status"]] += 1
         if row["status"] != Status.OK.value:
             codes[row["error_code"]] += 1
+            shown = examples.setdefault(row["error_code"], [])
+            if len(shown) < EXAMPLES:
+                shown.append({"id": row["id"], "message": row["error_message"]})
             continue
         modality = _modality(row["num_images"], row["num_audios"])
         rows_by[modality] += 1
@@ -128,6 +135,7 @@ def dry_run(
         "rows_skipped_already_done": len(done),
         "status": dict(status),
         "error_codes": dict(sorted(codes.items())),
+        "error_examples": {code: examples[code] for code in sorted(examples)},
         "ok_rows_by_modality": {m: rows_by[m] for m in MODALITIES if rows_by[m]},
         "prompt_tokens_by_modality": {m: tokens_by[m] for m in MODALITIES if rows_by[m]},
         "completion_tokens_at_most": completion,
@@ -153,7 +161,11 @@ def format_dry_run(report: dict) -> str:
         lines.append(
             f"  rows skipped     {report['rows_skipped_already_done']} already in the output (resume)"
         )
-    lines += [f"    {code:<28} {n}" for code, n in report["error_codes"].items()]
+    for code, n in report["error_codes"].items():
+        lines.append(f"    {code:<28} {n}")
+        lines += [
+            f"      id {e['id']}: {e['message']}" for e in report.get("error_examples", {}).get(code, [])
+        ]
     lines.append("  prompt tokens by modality (ok rows)")
     for modality, tokens in report["prompt_tokens_by_modality"].items():
         rows = report["ok_rows_by_modality"][modality]

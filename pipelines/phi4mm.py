@@ -302,7 +302,8 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         "wall_s": round(wall_s, 2),
         "rows_per_s": round(stats.rows / wall_s, 3) if wall_s else None,
         "parts": parts_summary(stats.files),
-        "engines": actors.get("generate", {}),
+        # an actor whose engine never came up reported only when it began starting: not an engine
+        "engines": {k: v for k, v in actors.get("generate", {}).items() if "starting_since" not in v},
         "cpu_actors": actors.get("preprocess", {}),
         "audit": {**check.__dict__, "ok": check.ok},
         "input_files": input_files_record(plan.input_ids, files),
@@ -310,8 +311,13 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     }
     plot = None
     if config.progress.plot:
+        ups = sorted(
+            e["ready_at"] - monitor.started_wall for e in summary["engines"].values() if "ready_at" in e
+        )
         plot = progress_png(
-            monitor.samples, f"phi4mm-batch run {run_id}: {stats.rows} rows in {wall_s:.0f} s"
+            monitor.samples,
+            f"phi4mm-batch run {run_id}: {stats.rows} rows in {wall_s:.0f} s",
+            marks=[(t, "engine up") for t in ups if t > 0],
         )
         summary["progress_plot"] = f"_run-{run_id}.png"
     write_manifest(out.path, run_id, summary, plot)

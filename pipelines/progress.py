@@ -47,10 +47,13 @@ class ProgressMonitor:
         log: bool = True,
         clock: Callable[[], float] = time.monotonic,
         engines: Callable[[], dict[str, dict]] | None = None,
+        wall: Callable[[], float] = time.time,
     ):
         self.poll, self.total, self.every_s, self.log, self.clock = poll, total, every_s, log, clock
         self.engines = engines  # each GPU actor's engine stats, for the useful-work part of the lines
+        self.wall = wall  # the clock of the actors' reports (starting_since)
         self.started = clock()
+        self.started_wall = wall()  # engines report wall-clock times (ready_at): the plot's marks
         self.samples: list[Sample] = [Sample(0.0, 0, 0)]
         self._last_line = self.started
         self._stop = threading.Event()
@@ -91,19 +94,35 @@ class ProgressMonitor:
         return f"progress: {now.rows}/{self.total} rows{share}, {rate:.2f} rows/s, ETA {eta}, {errors}"
 
     def engines_part(self) -> str:
-        """``; engines: 2 up, KV peak 63%, waiting max 40, preempted 3`` from the engines' last reports
-        (vLLM's useful-work figures, ``actors.engines.vllm_stats``); empty before any engine reported."""
+        """``; engines: 1 up, 1 starting for 35 s, KV peak 63%, waiting max 40, preempted 3`` from what the
+        GPU actors last reported: an actor says when its engine began starting, then its engine's stats
+        (vLLM's useful-work figures, ``actors.engines.vllm_stats``). Empty before any actor reported."""
         try:
-            works = [s["work"] for s in (self.engines() if self.engines else {}).values() if s.get("work")]
+            engines = list((self.engines() if self.engines else {}).values())
         except Exception as e:  # the ledger briefly unreachable: the line without it
             logger.debug("progress: engine stats not read (%s)", e)
             return ""
-        if not works:
-            return ""
+        starting = [e["starting_since"] for e in engines if "starting_since" in e]
+        works = [e["work"] for e in engines if e.get("work")]
+        parts = [f"{len(engines) - len(starting)} up"] if len(engines) > len(starting) else []
+        if starting:
+            parts.append(f"{len(starting)} starting for {_duration(self.wall() - min(starting))}")
+        if works:
+            parts += [
+                f"KV peak {100 * max(w['kv_cache_usage_max'] for w in works):.0f}%",
+                f"waiting max {max(w['waiting_max'] for w in works)}",
+                f"preempted {sum(w['preemptions'] for w in works)}",
+            ]
+        return f"; engines: {', '.join(parts)}" if parts else ""
+
+    def final_line(self) -> str:
+        """The run's last counts, logged when the monitor stops: the periodic lines may end minutes before."""
+        now = self.samples[-1]
+        rate = now.rows / now.t if now.t > 0 else 0.0
+        n_errors = sum(now.errors.values())
         return (
-            f"; engines: {len(works)} up, KV peak {100 * max(w['kv_cache_usage_max'] for w in works):.0f}%, "
-            f"waiting max {max(w['waiting_max'] for w in works)}, "
-            f"preempted {sum(w['preemptions'] for w in works)}"
+            f"progress: done, {now.rows}/{self.total} rows in {_duration(now.t)}, {rate:.2f} rows/s on average, "
+            f"errors {n_errors}"
         )
 
     def tick(self) -> None:
@@ -130,3 +149,5 @@ class ProgressMonitor:
         if self._thread is not None:
             self._thread.join()
         self.sample()
+        if self.log:
+            logger.info(self.final_line())

@@ -9,14 +9,17 @@ from pipelines.progress import Sample
 
 WIDTH, PANEL_HEIGHT, MARGIN = 900, 260, (70, 30, 20, 40)  # left, top, right, bottom
 MAX_POINTS = 120
+SMOOTH_S = 20.0  # shortest interval a rate is taken over: rows land a batch at a time
 
 
 def rates(samples: list[Sample], attr: str) -> list[tuple[float, float]]:
     """(time at the interval's end, per-second rate of ``attr`` over it), over at most MAX_POINTS
-    intervals of about equal length (single 2 s samples would show when blocks land, not the rate)."""
+    intervals of about equal length and at least SMOOTH_S seconds (an eighth of the run if shorter): single
+    2 s samples show when batches land (a sawtooth between 0 and twice the rate), not the rate."""
     if len(samples) < 2 or samples[-1].t <= 0:
         return []
-    step = samples[-1].t / min(MAX_POINTS, len(samples) - 1)
+    span = samples[-1].t
+    step = max(span / min(MAX_POINTS, len(samples) - 1), min(SMOOTH_S, span / 8))
     points, last = [], samples[0]
     for s in samples[1:]:
         if s.t - last.t >= step or s is samples[-1]:
@@ -26,10 +29,19 @@ def rates(samples: list[Sample], attr: str) -> list[tuple[float, float]]:
     return points
 
 
-def _panel(draw, font, top: int, points: list[tuple[float, float]], span: float, label: str, colour) -> None:
+MARK_COLOUR = (120, 120, 120)
+
+
+def _panel(draw, font, top: int, points: list[tuple[float, float]], span: float, label: str, colour,
+           marks: list[tuple[float, str]] = ()) -> None:  # fmt: skip
     left, m_top, right, bottom = MARGIN
     x0, y0, x1, y1 = left, top + m_top, WIDTH - right, top + PANEL_HEIGHT - bottom
     draw.rectangle([x0, y0, x1, y1], outline="black")
+    for n, (t, name) in enumerate(marks):  # the run's phases (an engine up), dashed, labelled
+        x = x0 + min(t / span, 1.0) * (x1 - x0)
+        for y in range(int(y0), int(y1), 8):
+            draw.line([x, y, x, min(y + 4, y1)], fill=MARK_COLOUR)
+        draw.text((x + 3, y0 + 2 + 12 * (n % 3)), name, fill=MARK_COLOUR, font=font)
     draw.text((x0, top + 8), label, fill="black", font=font)
     peak = max((r for _, r in points), default=0.0) or 1.0
     for frac in (0.0, 0.5, 1.0):
@@ -47,8 +59,9 @@ def _panel(draw, font, top: int, points: list[tuple[float, float]], span: float,
         draw.ellipse([xy[0][0] - 3, xy[0][1] - 3, xy[0][0] + 3, xy[0][1] + 3], fill=colour)
 
 
-def progress_png(samples: list[Sample], title: str) -> bytes:
-    """Two panels, rows/s and tokens/s (prompt + completion) against seconds since the run started."""
+def progress_png(samples: list[Sample], title: str, marks: list[tuple[float, str]] = ()) -> bytes:
+    """Two panels, rows/s and tokens/s (prompt + completion) against seconds since the run started;
+    ``marks``: (seconds, label) of the run's phases, drawn in both."""
     from PIL import Image, ImageDraw, ImageFont
 
     image = Image.new("RGB", (WIDTH, 2 * PANEL_HEIGHT + 30), "white")
@@ -56,9 +69,10 @@ def progress_png(samples: list[Sample], title: str) -> bytes:
     font = ImageFont.load_default()
     draw.text((MARGIN[0], 8), f"{title} (x: seconds since the run started)", fill="black", font=font)
     span = max(samples[-1].t if samples else 0.0, 1.0)
-    _panel(draw, font, 30, rates(samples, "rows"), span, "rows/s (answered by the GPU stage)", (31, 119, 180))
+    _panel(draw, font, 30, rates(samples, "rows"), span, "rows/s (answered by the GPU stage)", (31, 119, 180),
+           marks)  # fmt: skip
     _panel(draw, font, 30 + PANEL_HEIGHT, rates(samples, "tokens"), span, "tokens/s (prompt + completion)",
-           (214, 39, 40))  # fmt: skip
+           (214, 39, 40), marks)  # fmt: skip
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

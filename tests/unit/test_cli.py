@@ -87,6 +87,12 @@ def test_dry_run_prepares_every_row_and_writes_nothing(job, capsys):
     report = json.loads(stdout.split("DRY_RUN_JSON ", 1)[1])
     assert report["rows"] == len(sample_rows()) and report["status"] == {"ok": 10, "error": 2}
     assert report["error_codes"] == {"IMAGE_DECODE_ERROR": 1, "MISSING_INPUT": 1}
+    # each code with the ids and messages of its first rows: what went wrong, not only how often
+    examples = report["error_examples"]
+    assert [e["id"] for e in examples["IMAGE_DECODE_ERROR"]] == ["broken-truncated-jpeg"]
+    assert [e["id"] for e in examples["MISSING_INPUT"]] == ["broken-empty-row"]
+    for (example,) in examples.values():
+        assert example["message"] and f"id {example['id']}: {example['message']}" in stdout
     assert report["ok_rows_by_modality"] == {"text": 2, "image": 4, "audio": 3, "image_audio": 1}
     assert all(t > 0 for t in report["prompt_tokens_by_modality"].values())
     assert report["completion_tokens_at_most"] == 10 * 8  # sampling.max_tokens per ok row

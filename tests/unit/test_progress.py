@@ -13,7 +13,7 @@ from PIL import Image
 from actors.attempts import LocalAttemptLedger
 from actors.generate import GenerateRows
 from pipelines.progress import ProgressMonitor, Sample
-from pipelines.progress_plot import PANEL_HEIGHT, WIDTH, progress_png, rates
+from pipelines.progress_plot import MARK_COLOUR, PANEL_HEIGHT, WIDTH, progress_png, rates
 from pipelines.provenance import checkpoint_hashes, config_hash, file_hash, provenance, versions
 from schemas.rows import PREPARED_SCHEMA, empty_prepared_row
 from tests.helpers import make_config
@@ -83,7 +83,7 @@ def test_the_monitor_thread_samples_until_stopped_and_keeps_the_final_counts():
 def test_rates_are_per_interval_and_the_png_draws_both_panels():
     samples = [Sample(float(t), rows=3 * t, tokens=300 * t) for t in range(0, 601, 2)]
     points = rates(samples, "rows")
-    assert 100 <= len(points) <= 120 and all(r == pytest.approx(3.0) for _, r in points)
+    assert len(points) == 30 and all(r == pytest.approx(3.0) for _, r in points)  # 20 s intervals
     assert rates(samples[:1], "rows") == []
     image = Image.open(io.BytesIO(progress_png(samples, "run x")))
     assert image.size == (WIDTH, 2 * PANEL_HEIGHT + 30) and image.format == "PNG"
@@ -96,6 +96,18 @@ def test_rates_are_per_interval_and_the_png_draws_both_panels():
     }
     assert (31, 119, 180) in top and (214, 39, 40) in bottom  # each panel's rate line
     progress_png([Sample(0.0, 0, 0)], "a run that answered nothing")  # no points: still a picture
+    marked = Image.open(io.BytesIO(progress_png(samples, "run x", marks=[(300.0, "engine up")]))).convert(
+        "RGB"
+    )
+    column = {marked.getpixel((80 + (WIDTH - 30 - 80) // 2, y)) for y in range(60, PANEL_HEIGHT - 40)}
+    assert MARK_COLOUR in column and MARK_COLOUR not in top  # a dashed line half way: the engine came up
+
+
+def test_rates_are_smoothed_over_batches_landing():
+    # 32 rows land every 8 s (a batch at a time), sampled every 2 s: 4 rows/s, not 0 and 16 in turn
+    samples = [Sample(float(t), rows=32 * (t // 8), tokens=0) for t in range(0, 401, 2)]
+    values = [r for _, r in rates(samples, "rows")]
+    assert len(values) == 20 and all(3.0 <= r <= 5.0 for r in values)
 
 
 def test_the_gpu_stage_reports_its_rows_and_device(tiny_model, tmp_path):
@@ -145,21 +157,37 @@ def test_provenance_hashes_the_config_and_checkpoint_and_names_versions(tiny_mod
     assert in_use["vision"]["sha256"] == record["checkpoint"]["adapters_sha256"]["vision"]
 
 
-def test_lines_add_the_engines_useful_work_once_they_report(caplog):
+def test_lines_say_engines_are_starting_then_add_their_useful_work(caplog):
     from actors.engines.vllm_stats import EngineWork
 
     clock, engines = Clock(), {}
-    monitor = ProgressMonitor(lambda: {"a": _counts(10)}, total=40, every_s=10, clock=clock,
-                              engines=lambda: dict(engines))  # fmt: skip
+    monitor = ProgressMonitor(lambda: {"a": _counts(0)}, total=40, every_s=10, clock=clock,
+                              engines=lambda: dict(engines), wall=lambda: 1000.0 + clock.now)  # fmt: skip
     caplog.set_level(logging.INFO, "phi4mm_batch.progress")
     clock.now += 10
-    monitor.tick()  # no engine has reported yet: the line as before
+    monitor.tick()  # no GPU actor has reported yet: the line as before
+    engines["x"] = {"starting_since": 1000.0 + clock.now}  # a GPU actor began building its engine
+    clock.now += 35
+    monitor.tick()
     busy, starved = EngineWork(kv_cache_tokens=100), EngineWork(kv_cache_tokens=100)
     busy.kv_usage_max, busy.waiting_max, busy.preemptions = 0.9, 40, 3
     starved.kv_usage_max, starved.preemptions = 0.2, 1
     engines.update(x={"work": busy.figures(1.0)}, y={"work": starved.figures(1.0)}, z={"busy_s": 1.0})
     clock.now += 10
     monitor.tick()
-    first, second = (r.getMessage() for r in caplog.records)
+    first, starting, up = (r.getMessage() for r in caplog.records)
     assert "engines" not in first
-    assert second.endswith("; engines: 2 up, KV peak 90%, waiting max 40, preempted 4")
+    assert starting.endswith("ETA unknown, errors 0; engines: 1 starting for 0m35s")
+    # z: an engine without vLLM's figures (transformers) is up all the same
+    assert up.endswith("; engines: 3 up, KV peak 90%, waiting max 40, preempted 4")
+
+
+def test_stopping_logs_the_final_counts(caplog):
+    clock, counts = Clock(), {"a": _counts(0)}
+    monitor = ProgressMonitor(lambda: dict(counts), total=40, every_s=60, clock=clock)
+    caplog.set_level(logging.INFO, "phi4mm_batch.progress")
+    clock.now += 30
+    counts["a"] = _counts(40, {"MEDIA_NOT_FOUND": 1})
+    monitor.stop()  # no periodic line fell due: the last counts are logged all the same
+    (line,) = (r.getMessage() for r in caplog.records)
+    assert line == "progress: done, 40/40 rows in 0m30s, 1.33 rows/s on average, errors 1"
