@@ -7,8 +7,9 @@ Without a cluster it starts a local Ray; under ``ray job submit --working-dir . 
 (or with RAY_ADDRESS set) it joins that cluster. Prints a summary and writes it beside the output as
 ``_run-<run_id>.json``. Exit status: 0 when every input row has exactly one output row (error rows
 included), 1 when the audit finds rows missing, duplicated or unexpected, 2 for a mistake in the job
-(config, input, model, output mode, an output another run is writing): one line on stderr, nothing
-changed, 3 when the run itself failed (a traceback; committed parts stay, ``--mode resume`` carries on).
+(config, input, model, output mode, an output that overlaps the input, cannot be written or another run
+is writing): one line on stderr, nothing changed, 3 when the run itself failed (a traceback; committed
+parts stay, ``--mode resume`` carries on).
 ``--set engine.max_model_len=8192`` overrides any config key (validated like the file); ``--dry-run`` runs
 only the CPU stage, in this process, and prints what the run would do (``pipelines.dry_run``).
 """
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     # second and changes nothing.
     try:
         config = load_config(args)
-        plan = validate_job(config, run_id)
+        plan = validate_job(config, run_id, writes=not args.dry_run)
         lock = None if args.dry_run else OutputLock(config.output.path, run_id).acquire()
     except JobError as e:
         print(error_line(str(e)), file=sys.stderr)

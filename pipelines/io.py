@@ -20,6 +20,10 @@
   audited does it write its commit marker ``_committed-<run>.json`` (new parts, parts they replace), move
   the new parts in and delete the old ones. A reader sees the old output until then, never none; a swap
   cut short is finished by the next run, which reads the marker;
+- an overwrite deletes only parts a commit marker names: the runs of this output wrote them. A part file
+  no marker names is never deleted, and an overwrite refuses to start while one is there
+  (``check_output_mode``); a run that ends without its marker gets one when it gives its lock back
+  (``pipelines.lock``);
 - row ids are compared in one string form (``id_strings``) on write, resume and audit;
 - the audit checks that every id a run answers for has exactly one output row, in bounded memory
   (``pipelines.ids``: hash buckets of at most about a million ids).
@@ -128,6 +132,34 @@ def check_output_mode(config: OutputConfig) -> None:
             f"output {config.path} already holds {len(parts)} part files and output.mode is 'error'. "
             "Try output.mode: resume (skip rows already done) or overwrite (replace them) (CLI: --mode)."
         )
+    if config.mode == "overwrite" and (strays := _strays(config.path)):
+        raise JobError(
+            f"output {config.path} holds {len(strays)} part files no run of this output wrote (no commit "
+            f"marker names them; first: {', '.join(strays[:3])}). An overwrite deletes only the parts its "
+            "runs committed, so these would stay in the new output. Try moving them out of the output "
+            "directory (or deleting them if they are not needed), or another output.path (CLI: --output)."
+        )
+
+
+def _named_parts(markers: Iterable[dict]) -> set[str]:
+    """The parts the runs of this output committed: every part its commit markers name."""
+    return {name for marker in markers for name in marker.get("parts", [])}
+
+
+def _strays(uri: str) -> list[str]:
+    """Part files in the output that no run of it committed: not named by a commit marker, nor by the name
+    of the run holding the output's lock (still writing, or killed: the run taking its lock over names its
+    parts in a marker first)."""
+    from pipelines.lock import read_lock
+
+    fs, root = _fs_and_path(uri)
+    named = _named_parts(_markers(fs, root))
+    holder = read_lock(uri)
+    writing = _parts_of(holder.run_id) if holder else None
+    return [
+        _name(p) for p in _parts_in(fs, root)
+        if _name(p) not in named and not (writing and writing.fullmatch(_name(p)))
+    ]  # fmt: skip
 
 
 def check_run_id_unused(uri: str, run_id: str) -> None:
@@ -237,7 +269,9 @@ def commit_run(uri: str, run_id: str, mode: str, parts: list[str]) -> dict:
     if mode == "overwrite":
         # the parts the run reports, plus any a retried task left that it no longer reports
         parts = sorted({*parts, *(_name(p) for p in _parts_in(fs, f"{root}/{staging_name(run_id)}"))})
-        replaces = [_name(p) for p in committed_parts(uri) if _name(p) not in parts]
+        # only parts this output's runs committed: a part file none of them wrote is never deleted
+        named = _named_parts(_markers(fs, root))
+        replaces = [n for n in map(_name, committed_parts(uri)) if n not in parts and n in named]
     else:
         replaces = []
     marker = {
@@ -292,9 +326,18 @@ def _swap(fs: pafs.FileSystem, root: str, marker: dict) -> None:
     for name in marker["parts"]:
         if _exists(fs, f"{staging}/{name}"):
             fs.move(f"{staging}/{name}", f"{root}/{name}")
+    named = _named_parts(m for m in _markers(fs, root) if m["run_id"] != marker["run_id"])
     for name in marker["replaces"]:
-        if _exists(fs, f"{root}/{name}"):
+        if name not in named:  # a marker written before this rule may name a file no run wrote: kept
+            logger.warning("output %s: kept %s, which no run of this output wrote", root, name)
+        elif _exists(fs, f"{root}/{name}"):
             fs.delete_file(f"{root}/{name}")
+    ours = named | set(marker["parts"])
+    if strays := [n for n in map(_name, _parts_in(fs, root)) if n not in ours]:
+        logger.warning(
+            "output %s: %d part files no run of this output wrote stay beside the new output (first: %s)",
+            root, len(strays), ", ".join(strays[:3]),
+        )  # fmt: skip
     if _exists(fs, staging):
         fs.delete_dir(staging)
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
 
-from pipelines.storage import filesystem_for
+from pipelines.storage import filesystem_for, unwritable
 from schemas.errors import JobError
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,15 @@ class OutputLock:
         self.release()
 
     def acquire(self) -> OutputLock:
-        self.fs.create_dir(self.root, recursive=True)
+        """Take the lock: the run's first write to the output, so an output it cannot write (a bucket that
+        does not exist, credentials that may not write) is a JobError here, with nothing written."""
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            return self._acquire()
+        except OSError as e:
+            raise unwritable(self.uri, e) from None
+
+    def _acquire(self) -> OutputLock:
         for _ in range(3):
             if self._create():
                 self._start_heartbeat()
@@ -161,6 +169,7 @@ class OutputLock:
         raise JobError(f"could not take the lock of output {self.uri}: other runs keep taking it. Try again.")
 
     def _record(self, run_id: str) -> None:
+        """Give ``run_id`` (a run that ended without its commit marker) a marker naming its parts."""
         from pipelines.io import record_interrupted_run
         from pipelines.writer import WRITERS
 
@@ -176,6 +185,10 @@ class OutputLock:
             self._thread = None
         held = read_lock(self.uri)
         if held is not None and held.run_id == self.run_id:
+            # A run that failed or was stopped committed parts but no marker: name them, so that they
+            # count as this output's (an overwrite replaces only parts a marker names). A finished run
+            # has its marker, and nothing is written.
+            self._record(self.run_id)
             with contextlib.suppress(FileNotFoundError):
                 self.fs.delete_file(self.path)
 

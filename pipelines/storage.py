@@ -67,6 +67,46 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[pafs
     return pafs.FileSystem.from_uri(uri)
 
 
+Location = tuple[str, tuple[str, ...]]  # a store and a path's segments: see ``location``
+
+
+def location(uri: str) -> Location:
+    """Where ``uri`` points, to compare two paths: its store (``local``, ``s3``, ...) and its path's
+    segments. A local path (or ``file://`` URL) is made absolute with its symbolic links resolved; on an
+    object store, bucket and key prefix as given. Trailing and repeated slashes do not count."""
+    if "://" in uri and not uri.lower().startswith("file://"):
+        fs, path = filesystem_for(uri)
+        return fs.type_name, tuple(p for p in path.split("/") if p)
+    path = pafs.FileSystem.from_uri(uri)[1] if "://" in uri else uri
+    return "local", tuple(p for p in os.path.realpath(path).split("/") if p)
+
+
+def within(inner: Location, outer: Location) -> bool:
+    """True when the ``location`` ``inner`` is ``outer`` or lies below it."""
+    return inner[0] == outer[0] and inner[1][: len(outer[1])] == outer[1]
+
+
+def unreachable(key: str, uri: str, error: OSError) -> JobError:
+    """The job error for a store that answered ``key``'s path with an error, or never answered."""
+    return JobError(
+        f"{key} {redact(uri)} cannot be reached ({error}). Try checking storage.s3_endpoint and "
+        "storage.s3_region, and the credentials in the AWS environment variables or ~/.aws files."
+    )
+
+
+def unwritable(uri: str, error: OSError) -> JobError:
+    """The job error for an output the job cannot write (checked before anything is written)."""
+    where = (
+        "a directory this user can create and write (not under /proc or /sys)"
+        if "://" not in uri or uri.lower().startswith("file://")
+        else "a bucket that exists and credentials that may write and delete objects in it"
+    )
+    return JobError(
+        f"output.path {redact(uri)} cannot be written ({error}). Try {where}, or another output.path "
+        "(CLI: --output)."
+    )
+
+
 def _env_region() -> str | None:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 

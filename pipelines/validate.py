@@ -1,4 +1,5 @@
-"""Checks a job before it touches anything: model directory, input files, schema, ids, output mode.
+"""Checks a job before it touches anything: model directory, input files, schema, ids, and the output
+(apart from the input, reachable, writable, its mode).
 
     plan = validate_job(config)   # JobError: one line naming the file, key or path, ending in "Try ..."
 
@@ -12,6 +13,8 @@ with ``_`` or ``.``.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +28,16 @@ import pyarrow.parquet as pq
 from actors.engines.adapters import adapter_rank, resolve_adapters
 from pipelines.ids import IdColumn, IdReadError, partition, shown
 from pipelines.io import check_output_mode, check_run_id_unused
-from pipelines.storage import filesystem_for, redact, use
+from pipelines.storage import (
+    filesystem_for,
+    is_object_store,
+    location,
+    redact,
+    unreachable,
+    unwritable,
+    use,
+    within,
+)
 from schemas.adapters import ADAPTERS, CONFIG_FILE, engine_lora_rank
 from schemas.errors import JobError
 from schemas.job import JobConfig, ModelConfig
@@ -55,16 +67,17 @@ class JobPlan:
         return self.input_ids.rows
 
 
-def validate_job(config: JobConfig, run_id: str | None = None) -> JobPlan:
+def validate_job(config: JobConfig, run_id: str | None = None, writes: bool = True) -> JobPlan:
     """Every job-level check; raises JobError on the first failure. The quick ones first (the model
     folder, the input's files and columns, the output), then the slow ones (remote adapters copied, the
-    input's ids read). With ``run_id``, also refuses a run id the output already holds parts of."""
+    input's ids read). With ``run_id``, also refuses a run id the output already holds parts of.
+    ``writes``: the job will write its output (not a dry run), so a local output must be writable."""
     use(config.storage)  # this process's s3:// endpoint, region, timeouts (pipelines.storage)
     check_model(config.model)
     fs, files = input_files(config.input.path)
     schema, rows = input_schema(fs, files, config.input.path)
     check_input_columns(config, schema)
-    check_output(config)
+    check_output(config, files, writes)
     if run_id is not None:
         check_run_id_unused(config.output.path, run_id)
     # The slow checks last, so that a mistake above costs no adapter download and no id scan.
@@ -125,19 +138,7 @@ _shown = shown
 
 def input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files Ray reads for ``input.path``, in path order."""
-    try:
-        fs, root = filesystem_for(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
-        raise JobError(
-            f"input.path {uri} cannot be opened ({e}). Try a local path or a URL pyarrow opens (s3://, gs://, hdfs://)."
-        ) from None
-    try:
-        info = fs.get_file_info(root)
-    except OSError as e:  # the store answered with an error after its retries, or never answered
-        raise JobError(
-            f"input.path {redact(uri)} cannot be reached ({e}). Try checking storage.s3_endpoint and "
-            "storage.s3_region, and the credentials in the AWS environment variables or ~/.aws files."
-        ) from None
+    fs, root, info = _reach("input.path", uri)
     if info.type == pafs.FileType.NotFound:
         raise JobError(
             f"input.path {uri} does not exist. Try the path of a Parquet file or of a directory of them (CLI: --input)."
@@ -156,6 +157,30 @@ def input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
             "Try the directory the Parquet files are in."
         )
     return fs, sorted(files)
+
+
+def _reach(key: str, uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
+    """The file system, path and file info of ``key``'s ``uri``; a URI pyarrow cannot open, a store that
+    answers with an error (after its retries) or never answers, and a bucket that does not exist are
+    JobErrors naming ``key``."""
+    try:
+        fs, root = filesystem_for(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+        raise JobError(
+            f"{key} {uri} cannot be opened ({e}). Try a local path or a URL pyarrow opens (s3://, gs://, hdfs://)."
+        ) from None
+    bucket = root.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(root)
+        missing = info.type == pafs.FileType.NotFound and is_object_store(fs) and bucket not in ("", root)
+        if missing and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise JobError(
+                f"{key} {redact(uri)}: its bucket {bucket} does not exist. Try the name of a bucket that "
+                "exists (or create it), and check storage.s3_endpoint."
+            )
+    except OSError as e:
+        raise unreachable(key, uri, e) from None
+    return fs, root, info
 
 
 def input_schema(fs: pafs.FileSystem, files: list[str], uri: str) -> tuple[pa.Schema, int]:
@@ -352,11 +377,42 @@ def _refuse_repeated(buckets: Iterable[pa.Table], column: str) -> None:
     )
 
 
-def check_output(config: JobConfig) -> None:
-    out, inp = config.output.path.rstrip("/"), config.input.path.rstrip("/")
-    if out == inp or out.startswith(inp + "/"):
+def check_output(config: JobConfig, files: list[str], writes: bool = True) -> None:
+    """The output can be reached, does not overlap the input in any direction (``files``: the input's),
+    and its state allows the mode; with ``writes``, a local output can also be created and written (on
+    an object store, taking the lock is the first write: ``pipelines.lock``)."""
+    out, inp = config.output.path, config.input.path
+    fs, root, _ = _reach("output.path", out)
+    out_at, in_at = location(out), location(inp)
+    if within(in_at, out_at):
         raise JobError(
-            f"output.path {config.output.path} is inside input.path {config.input.path}: the next run would read "
-            "its part files as input. Try an output directory outside the input."
+            f"input.path {inp} is output.path {out} or inside it: its files would be taken for the output's "
+            "part files (resume would skip their rows, an overwrite would delete them). Try an input outside "
+            "the output directory, or another output.path (CLI: --output)."
         )
+    if within(out_at, in_at):
+        raise JobError(
+            f"output.path {out} is inside input.path {inp}: the next run would read its part files as input. "
+            "Try an output directory outside the input."
+        )
+    if in_at[0] == out_at[0] == "local":  # an input file may be a link to one of the output's files
+        if linked := next((f for f in files if within(location(f), out_at)), None):
+            raise JobError(
+                f"input file {linked} is a link into output.path {out}: the output's part files must not be "
+                "read as input. Try copying the file into the input, or another output.path (CLI: --output)."
+            )
     check_output_mode(config.output)
+    if writes and not is_object_store(fs):
+        _try_writing(root, out)
+
+
+def _try_writing(root: str, uri: str) -> None:
+    """Create and remove a directory where the run will first write: in the output directory, or where
+    the missing part of its path will be created. Nothing is left behind."""
+    existing = Path(root)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix="_probe-", dir=existing))
+    except OSError as e:  # /proc, /sys, a read-only mount, a directory of someone else's, a file
+        raise unwritable(uri, e) from None

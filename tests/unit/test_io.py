@@ -80,7 +80,7 @@ def test_a_write_task_commits_every_part_rows(tmp_path):
 def test_output_modes(tmp_path):
     out = str(tmp_path / "out")
     assert len(prepare_output(OutputConfig(path=out, mode="error"))) == 0  # empty output: fine
-    write_part_files(_rows(["a", "b"]), out, "run1", 0, 10)
+    commit_run(out, "run1", "resume", write_part_files(_rows(["a", "b"]), out, "run1", 0, 10).files)
     with pytest.raises(JobError, match="Try output.mode"):
         prepare_output(OutputConfig(path=out, mode="error"))
     assert sorted(prepare_output(OutputConfig(path=out, mode="resume")).to_pylist()) == ["a", "b"]
@@ -91,7 +91,7 @@ def test_output_modes(tmp_path):
 
 def test_overwrite_is_staged_and_swapped_in_whole(tmp_path):
     out = str(tmp_path / "out")
-    write_part_files(_rows(["a", "b"]), out, "old", 0, 10)
+    commit_run(out, "old", "resume", write_part_files(_rows(["a", "b"]), out, "old", 0, 10).files)
     prepare_output(OutputConfig(path=out, mode="overwrite"))
     write_part_files(_rows(["x", "y", "z"]), out, "new", 0, 2, into=staging_name("new"))
     assert _out_ids(out) == ["a", "b"]  # staged parts are invisible to readers
@@ -105,7 +105,7 @@ def test_overwrite_is_staged_and_swapped_in_whole(tmp_path):
 
 def test_a_swap_cut_short_is_finished_by_the_next_run(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    write_part_files(_rows(["a"]), out, "old", 0, 10)
+    commit_run(out, "old", "resume", write_part_files(_rows(["a"]), out, "old", 0, 10).files)
     write_part_files(_rows(["x"]), out, "new", 0, 10, into=staging_name("new"))
     real_swap = io._swap
     monkeypatch.setattr(io, "_swap", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # dies mid-swap
@@ -114,6 +114,62 @@ def test_a_swap_cut_short_is_finished_by_the_next_run(tmp_path, monkeypatch):
     assert _out_ids(out) == ["a"]  # the marker is written, nothing moved yet
     monkeypatch.setattr(io, "_swap", real_swap)
     assert prepare_output(OutputConfig(path=out, mode="resume")).to_pylist() == ["x"]
+    assert _out_ids(out) == ["x"]
+
+
+def _stray(out, name="part-00000.parquet"):
+    """A part file no run of the output wrote: copied in by hand, or an input file kept there."""
+    pq.write_table(pa.table({"id": ["mine"], "prompt": ["keep me"]}), out / name)
+    return out / name
+
+
+def test_an_overwrite_deletes_only_parts_its_output_committed(tmp_path, caplog):
+    out = tmp_path / "out"
+    commit_run(str(out), "old", "resume", write_part_files(_rows(["a"]), str(out), "old", 0, 10).files)
+    stray = _stray(out)
+    with pytest.raises(JobError, match="part files no run of this output wrote .*part-00000.parquet"):
+        prepare_output(OutputConfig(path=str(out), mode="overwrite"))  # refused before anything is touched
+    stray.unlink()
+    prepare_output(OutputConfig(path=str(out), mode="overwrite"))
+    stray = _stray(out)  # one that appears while the overwrite runs stays, and the log says so
+    write_part_files(_rows(["x"]), str(out), "new", 0, 10, into=staging_name("new"))
+    with caplog.at_level(logging.WARNING):
+        marker = commit_run(str(out), "new", "overwrite", [])
+    assert marker["replaces"] == ["part-old-000000-0000.parquet"]
+    assert stray.exists() and "1 part files no run of this output wrote stay" in caplog.text
+    assert _out_ids(out) == ["mine", "x"]
+
+
+def test_a_swap_keeps_a_file_an_older_marker_replaced_but_no_run_wrote(tmp_path):
+    out = tmp_path / "out"
+    write_part_files(_rows(["x"]), str(out), "new", 0, 10, into=staging_name("new"))
+    stray = _stray(out)
+    marker = {"run_id": "new", "mode": "overwrite", "parts": ["part-new-000000-0000.parquet"],
+              "replaces": [stray.name], "committed_at": ""}  # fmt: skip
+    (out / "_committed-new.json").write_text(json.dumps(marker))  # as the swap was cut short
+    io.finish_interrupted_swaps(str(out))
+    assert stray.exists() and _out_ids(out) == ["mine", "x"]
+
+
+def test_parts_of_a_run_that_ended_without_its_marker_are_named_when_it_gives_the_lock_back(tmp_path):
+    out = tmp_path / "out"
+    with OutputLock(str(out), "failed"):
+        done = write_in_parts([_rows(["a", "b"])], str(out), "failed", 0, 1, lock_run_id="failed").files
+        # the run fails here (exit 3): no commit_run, so no marker of its own
+    marker = json.loads((out / "_committed-failed.json").read_text())
+    assert (marker["mode"], marker["parts"]) == ("interrupted", done)
+    with OutputLock(str(out), "ok"):  # a run that commits writes no second marker when it ends
+        commit_run(str(out), "ok", "resume", [])
+    assert json.loads((out / "_committed-ok.json").read_text())["mode"] == "resume"
+    # a run killed (or still writing) holds the lock: its parts are no strays, and the run that takes its
+    # lock over names them
+    _write_lock(out, run_id="killed", host="elsewhere", heartbeat=time.time() - 3600)
+    killed = write_part_files(_rows(["c"]), str(out), "killed", 0, 10).files
+    io.check_output_mode(OutputConfig(path=str(out), mode="overwrite"))
+    with OutputLock(str(out), "new"):
+        prepare_output(OutputConfig(path=str(out), mode="overwrite"))
+        write_part_files(_rows(["x"]), str(out), "new", 0, 10, into=staging_name("new"))
+        assert commit_run(str(out), "new", "overwrite", [])["replaces"] == sorted(done + killed)
     assert _out_ids(out) == ["x"]
 
 

@@ -14,7 +14,10 @@ import pytest
 import yaml
 
 from jobs.run import main
-from pipelines.io import write_part_files
+from pipelines.io import commit_run, write_part_files
+from pipelines.lock import OutputLock
+from pipelines.validate import validate_job
+from schemas.job import JobConfig
 from schemas.rows import OUTPUT_SCHEMA
 from tests.helpers import REPO, write_adapter
 
@@ -237,6 +240,97 @@ def test_an_overwrite_that_fails_validation_leaves_the_old_output(job, capsys):
 def test_an_output_inside_the_input_is_refused(job, capsys):
     inside = str(job.input / "out")
     _fails(job, capsys, ["--config", job.config(), "--output", inside], "is inside input.path")
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """These jobs must be refused before Ray starts: starting it fails the test at once."""
+
+    def start():
+        raise AssertionError("Ray started: validation let the job through")
+
+    monkeypatch.setattr("jobs.run.init_ray", start)
+
+
+def _input_file(path, ids=("a", "b")):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": list(ids), "prompt": ["x"] * len(ids)}), path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["resume", "overwrite"])
+def test_an_input_file_among_the_output_parts_is_refused(job, capsys, no_ray, mode):
+    """Taken for output, its rows were skipped as done (resume) or the file deleted (overwrite)."""
+    part = _input_file(job.output / "part-00000.parquet")
+    args = ["--config", job.config(), "--input", str(part), "--mode", mode]
+    _fails(job, capsys, args, f"input.path {part} is output.path {job.output} or inside it", "Try an input")
+    assert pq.read_table(part).column("id").to_pylist() == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "how", ["same folder", "file:// and a slash", "input folder inside", "linked output", "linked input file"]
+)
+def test_input_and_output_never_overlap(job, capsys, no_ray, how):
+    out, needle = str(job.output), "is output.path"
+    if how == "same folder":
+        out = str(job.input)
+    elif how == "file:// and a slash":
+        out = f"file://{job.input}/"
+    elif how == "input folder inside":
+        _input_file(job.output / "data" / "one.parquet")
+        job.input = job.output / "data"
+    elif how == "linked output":
+        (job.path / "link").symlink_to(job.input)  # the output is the input, under another name
+        out = str(job.path / "link")
+    else:
+        part = _input_file(job.output / "part-00000.parquet")
+        (job.input / "two.parquet").symlink_to(part)  # an input file that is one of the output's parts
+        needle = f"input file {job.input / 'two.parquet'} is a link into output.path"
+    _fails(job, capsys, ["--config", job.config(), "--input", str(job.input), "--output", out], needle)
+
+
+def test_an_overwrite_refuses_part_files_no_run_wrote(job, capsys, no_ray):
+    files = write_part_files(pa.Table.from_pylist([{"id": "a", "status": "ok"}], schema=OUTPUT_SCHEMA),
+                             str(job.output), "old", 0, 10).files  # fmt: skip
+    commit_run(str(job.output), "old", "resume", files)
+    stray = _input_file(job.output / "part-00000.parquet")  # copied in by hand
+    cfg = job.config()
+    _fails(
+        job, capsys, ["--config", cfg, "--mode", "overwrite"], "part-00000.parquet", "no run of this output"
+    )
+    assert stray.exists()
+
+
+@pytest.mark.parametrize("where", ["/proc/phi4mm-out", "/sys/phi4mm-out", "a file"])
+def test_an_output_that_cannot_be_written_is_refused(job, capsys, no_ray, where):
+    if where == "a file":
+        (job.path / "file").write_text("not a directory")
+        where = str(job.path / "file" / "out")
+    _fails(
+        job, capsys, ["--config", job.config(), "--output", where], f"output.path {where} cannot be written"
+    )
+    assert not os.path.exists(where)
+
+
+def test_object_store_outputs_that_cannot_be_used_are_one_line(job, capsys, no_ray, s3):
+    """A missing bucket, access denied, writes denied, an input among the parts: exit 2, nothing written."""
+    storage = {"storage": {"s3_endpoint": s3.endpoint}}
+    missing = f"s3://{s3.name}-missing/out"
+    _fails(job, capsys, ["--config", job.config(**storage), "--output", missing], "bucket", "does not exist")
+    faults = s3.server.faults if s3.server else pytest.skip("fault knobs need the project's test server")
+    cfg = job.config(**storage, output={"path": s3.url("out")})
+    faults.deny(1000, "out")  # credentials without access to the output's prefix
+    _fails(job, capsys, ["--config", cfg], f"output.path {s3.url('out')} cannot be reached", "ACCESS_DENIED")
+    faults.deny(1000, "out", "PUT")  # may read, may not write: found by the lock, the first write
+    _fails(job, capsys, ["--config", cfg], f"output.path {s3.url('out')} cannot be written", "ACCESS_DENIED")
+    faults.deny(0)
+    assert s3.keys() == []
+    config = JobConfig.from_yaml(cfg)  # a valid output on the store passes, and its lock can be taken
+    validate_job(config, "r1")
+    OutputLock(config.output.path, "r1").acquire().release()
+    part = s3.put("out/part-00000.parquet", (job.input / "one.parquet").read_bytes())
+    _fails(job, capsys, ["--config", cfg, "--input", part], f"input.path {part} is output.path")
+    assert s3.keys() == ["out/part-00000.parquet"]
 
 
 def test_an_output_another_run_writes_is_refused(job, capsys):
