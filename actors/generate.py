@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -122,6 +123,16 @@ def _merged_confidence(results: list[EngineResult]) -> dict:
     }
 
 
+def run_metrics(run_id: str, actor_key: str):
+    """The run's Ray metrics (``actors.run_metrics``) in a Ray worker; None elsewhere (a unit test)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    from actors.run_metrics import RunMetrics
+
+    return RunMetrics(run_id, actor_key)
+
+
 class GenerateRows:
     """Runs the ok rows of a batch through the engine: rows suspected of crashing it one at a time and
     alone, the rest together; rows that crashed it twice are quarantined without running."""
@@ -141,7 +152,8 @@ class GenerateRows:
         # progress lines say an engine is starting (a minute or more on a GPU) until its stats replace this
         self.ledger.report("generate", self.actor_key, {"starting_since": round(time.time(), 3)})
         self.engine = engine_factory(config)
-        self.ledger.report("generate", self.actor_key, self.engine.stats())
+        self.metrics = run_metrics(run_id, self.actor_key)
+        self._report_engine()
         self._done_lock = threading.Lock()
         self.done = {"rows": 0, "ok": 0, "error_codes": Counter(), "prompt_tokens": 0, "completion_tokens": 0}
         self.ledger.report("device", self.actor_key, device_info())
@@ -170,7 +182,7 @@ class GenerateRows:
             self._run([i], prepared, rows, alone=True)
         if normal:
             self._run(normal, prepared, rows, alone=False)
-        self.ledger.report("generate", self.actor_key, self.engine.stats())
+        self._report_engine()
         names = list(self.config.tasks or {})
         for row, p in zip(rows, prepared, strict=True):
             if names and TASK_PREFIX + names[0] not in row:  # error rows, quarantined rows
@@ -196,6 +208,14 @@ class GenerateRows:
             done["completion_tokens"] += sum(r["completion_tokens"] or 0 for r in rows)
             report = {**done, "error_codes": dict(done["error_codes"])}
         self.ledger.report("progress", self.actor_key, report)
+        if self.metrics is not None:
+            self.metrics.record_rows(rows)
+
+    def _report_engine(self) -> None:
+        stats = self.engine.stats()
+        self.ledger.report("generate", self.actor_key, stats)
+        if self.metrics is not None:
+            self.metrics.record_engine(stats)
 
     def _run(self, indices: list[int], prepared: list[dict], rows: list[dict], alone: bool) -> None:
         # once per id: rows sharing an id (duplicates in the input) count one crash once, not once each
