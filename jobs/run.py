@@ -1,7 +1,8 @@
 """Entrypoint: run a phi4mm-batch job.
 
     python -m jobs.run --config FILE.yaml [--input PATH] [--output PATH] [--model PATH] [--limit N]
-        [--mode resume|overwrite|error] [--run-id ID] [--set KEY=VALUE ...] [--dry-run [--tokens-per-s R] [--workers N]]
+        [--mode resume|overwrite|error] [--retry-errors CODE,...] [--run-id ID] [--set KEY=VALUE ...]
+        [--dry-run [--tokens-per-s R] [--workers N]]
 
 Without a cluster it starts a local Ray; under ``ray job submit --working-dir . -- python -m jobs.run …``
 (or with RAY_ADDRESS set) it joins that cluster. Prints a summary and writes it beside the output as
@@ -12,6 +13,9 @@ is writing): one line on stderr, nothing changed, 3 when the run itself failed (
 parts stay, ``--mode resume`` carries on).
 ``--set engine.max_model_len=8192`` overrides any config key (validated like the file); ``--dry-run`` runs
 only the CPU stage, in this process, and prints what the run would do (``pipelines.dry_run``).
+``--retry-errors CODE,...`` runs the output's error rows of those codes again, each new row replacing the
+old one (``pipelines.retry``). A run with nothing to do (every row done, no such error row) starts no Ray:
+it prints the summary and exits 0 in seconds.
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--limit", type=_at_least_one, help="Process only the first N input rows (N >= 1), in input order."
     )
     parser.add_argument("--mode", choices=["resume", "overwrite", "error"], help="Override output.mode.")
+    parser.add_argument(
+        "--retry-errors",
+        type=_codes,
+        metavar="CODE,...",
+        help="Run the output's error rows with these error codes again (resume), e.g. MEDIA_FETCH_TIMEOUT,"
+        "ENGINE_CRASH_QUARANTINED: each new row replaces the old one. Sets output.retry_errors.",
+    )
     parser.add_argument("--run-id", help="Id for this run (default: time + random suffix).")
     parser.add_argument(
         "--set",
@@ -117,6 +128,13 @@ def _key_value(text: str) -> tuple[str, object]:
         ) from None
 
 
+def _codes(text: str) -> list[str]:
+    codes = [c.strip() for c in text.split(",") if c.strip()]
+    if not codes:
+        raise argparse.ArgumentTypeError(f"{text!r} names no error code, such as MEDIA_FETCH_TIMEOUT")
+    return codes
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -139,6 +157,8 @@ def load_config(args: argparse.Namespace) -> JobConfig:
         overrides["input.limit"] = args.limit
     if args.mode:
         overrides["output.mode"] = args.mode
+    if args.retry_errors:
+        overrides["output.retry_errors"] = args.retry_errors
     for key, value in args.sets:  # after the options above: the last word wins
         overrides[key] = local(value) if key in LOCAL_PATH_KEYS and isinstance(value, str) else value
     return JobConfig.from_yaml(args.config, overrides)
@@ -179,6 +199,12 @@ def format_summary(summary: dict) -> str:
         lines.append(
             f"  rows skipped     {summary['rows_skipped_already_done']} already in the output (resume)"
         )
+    if summary.get("rows_retried"):
+        lines.append(
+            f"  rows retried     {summary['rows_retried']} error rows run again (each new row replaces the old)"
+        )
+    if summary.get("nothing_to_do"):
+        lines.append("  nothing to do    every row is in the output: no Ray, no engine started")
     for code, n in summary["error_codes"].items():
         lines.append(f"    {code:<28} {n}")
     for name, counts in summary.get("tasks", {}).items():
@@ -225,9 +251,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("progress_plot"):
         lines.append(f"  rates plot       {summary['progress_plot']} beside the output")
     if not summary.get("committed", True):
-        lines.append(
-            "  output           NOT replaced: the overwrite failed its audit; the old output is unchanged"
-        )
+        lines.append("  output           NOT replaced: the run failed its audit; the old output is unchanged")
     return "\n".join(lines)
 
 
@@ -295,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         print("DRY_RUN_JSON " + json.dumps(report))
         return 0
     try:
-        init_ray()
-        from pipelines.phi4mm import run_pipeline
+        from pipelines.phi4mm import prepare_work, run_pipeline
 
-        summary = run_pipeline(config, run_id, plan=plan, lock=lock)
+        work = prepare_work(config, plan)  # holding the lock: what is done, what to retry, what to read
+        if not work.idle:  # a run with nothing to do starts no Ray and no engine
+            init_ray()
+        summary = run_pipeline(config, run_id, plan=plan, lock=lock, work=work)
     except JobError as e:
         print(error_line(str(e)), file=sys.stderr)
         return EXIT_JOB_ERROR

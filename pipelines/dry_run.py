@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipelines.cpu_pool import prepare_in_processes, usable_cores
 from pipelines.io import committed_ids
+from pipelines.retry import retry_of, without
 from pipelines.storage import redact
 from pipelines.validate import JobPlan
 from schemas.job import JobConfig, pool_bounds
@@ -101,6 +102,8 @@ def dry_run(
 
     started = time.perf_counter()
     done = committed_ids(config.output.path) if config.output.mode == "resume" else pa.array([], pa.string())
+    if retry := retry_of(config.output, done, plan.run_ids if plan.run_ids is not None else plan.input_ids):
+        done = without(done, retry.ids)  # error rows --retry-errors runs again
     workers = workers or default_workers(plan, config.resources.preprocess.batch_size)
     status, codes = Counter(), Counter()
     examples: dict[str, list[dict]] = {}

@@ -60,6 +60,9 @@ TMP_DIR = "_tmp"  # pyarrow and Ray ignore names starting with '_' or '.' when r
 STAGING_PREFIX = "_staging-"  # an overwrite run's committed parts, until the swap
 MARKER_PREFIX = "_committed-"
 COMMIT_INDEX = "_committed.json"  # every run's marker in one object, read by name: no listing involved
+# Runs whose marker is followed by a swap of staged parts (finished by the next run if cut short): an
+# overwrite, and a retry of error rows (``pipelines.retry``).
+SWAPPING_MODES = ("overwrite", "retry")
 
 
 def _fs_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -227,7 +230,7 @@ def finish_interrupted_swaps(uri: str) -> list[str]:
     fs, root = _fs_and_path(uri)
     finished = []
     for marker in _markers(fs, root):
-        if marker.get("mode") == "overwrite" and _exists(fs, f"{root}/{staging_name(marker['run_id'])}"):
+        if marker.get("mode") in SWAPPING_MODES and _exists(fs, f"{root}/{staging_name(marker['run_id'])}"):
             logger.warning(
                 "output %s: finishing the swap of overwrite run %s, cut short", uri, marker["run_id"]
             )
@@ -565,7 +568,12 @@ def audit(
     Every count is per id, so the ids (input, run, output) are hash-partitioned together
     (``pipelines.ids.partition``) and each bucket is counted on its own: the driver holds one bucket of
     ids, not all of them. ``known_parts``: the run's own parts (``output_ids``)."""
-    outputs = output_ids(output_uri, known_parts)
+    return audit_ids(input_ids, output_ids(output_uri, known_parts), run_ids)
+
+
+def audit_ids(input_ids: IdsLike, outputs: IdColumn, run_ids: IdsLike | None = None) -> Audit:
+    """``audit`` against the ``id`` column of given part files (``outputs``): a retry audits the output
+    as its commit will leave it, before committing (``pipelines.retry.parts_after``)."""
     streams = [(_INPUT, input_ids), (_OUTPUT, outputs)] + ([(_RUN, run_ids)] if run_ids is not None else [])
     rows = sum(_rows(ids) for _, ids in streams)
     total = Audit(0, 0, 0, 0, 0)

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -18,11 +19,22 @@ import pyarrow.compute as pc
 
 from pipelines.ids import count_in
 from pipelines.incremental import done_among, file_segments, input_files_record, pending_files
-from pipelines.io import audit, commit_run, id_strings, prepare_output, staging_name, write_manifest
+from pipelines.io import (
+    Audit,
+    WriteStats,
+    audit,
+    audit_ids,
+    commit_run,
+    id_strings,
+    prepare_output,
+    staging_name,
+    write_manifest,
+)
 from pipelines.lock import OutputLock
 from pipelines.progress import ProgressMonitor
 from pipelines.progress_plot import progress_png
 from pipelines.provenance import provenance
+from pipelines.retry import RetryPlan, commit_retry, parts_after, retry_of, stage_kept_rows, without
 from pipelines.spec import StageSpec, apply
 from pipelines.storage import filesystem_for, redact, use
 from pipelines.validate import JobPlan, check_input_columns, validate_job
@@ -190,69 +202,120 @@ def parts_summary(names: list[str], shown: int = 3) -> dict[str, Any]:
     return {"count": len(names), "first": names[:shown], "last": names[-shown:]}
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a run has to do, decided holding the output's lock and before Ray starts (``prepare_work``)."""
+
+    skip_ids: pa.Array  # ids not to run: those in the output, less the rows a retry runs again
+    keep_ids: pa.Array | None  # a --limit run: its ids still to do (None: every input id not skipped)
+    skipped: int  # input rows of this run found done
+    files: list[str]  # the input files to read
+    retry: RetryPlan | None  # error rows run again (output.retry_errors); None: none found
+    pending: int  # rows to run (retried ones included)
+    overwrite: bool
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to run and nothing to replace: no Ray, no engine, no commit."""
+        return not self.pending and not self.overwrite
+
+
+def prepare_work(config: JobConfig, plan: JobPlan) -> Work:
+    """Make the output ready (``prepare_output``: needs the output's lock) and decide what the run does:
+    which ids it skips (resume), which error rows it runs again (``pipelines.retry``), which files it
+    reads. Needs no Ray: ``jobs.run`` asks before it starts one, so a run with nothing to do starts none."""
+    out = config.output
+    done_ids = prepare_output(out)
+    retry = retry_of(out, done_ids, plan.run_ids if plan.run_ids is not None else plan.input_ids)
+    skip_ids = without(done_ids, retry.ids) if retry else done_ids
+    # Input rows of this run found done, not output rows: those may include rows outside a --limit.
+    # Without a limit the input's ids are streamed again (batch by batch), not held.
+    # (skip_ids itself is the output's ids in memory: resume's skip set goes to Ray's tasks as it is.)
+    keep_ids = None
+    if plan.run_ids is not None:  # a --limit run: its few ids are in the plan
+        skipped = count_in([("", 0, plan.run_ids)], skip_ids)
+        keep_ids = plan.run_ids.filter(pc.invert(pc.is_in(plan.run_ids, value_set=skip_ids)))
+    else:
+        skipped = count_in(plan.input_ids.batches(), skip_ids)
+    # Files whose every row is in the output already are not read at all (an input directory that keeps
+    # receiving files: each run reads the new ones and any a killed run left unfinished).
+    files = pending_files(plan.input_ids, skip_ids) if keep_ids is None else list(plan.files)
+    pending = len(keep_ids) if keep_ids is not None else plan.input_rows - skipped
+    return Work(skip_ids, keep_ids, skipped, files, retry, pending, out.mode == "overwrite")
+
+
 def run_pipeline(
-    config: JobConfig, run_id: str, plan: JobPlan | None = None, lock: OutputLock | None = None
+    config: JobConfig,
+    run_id: str,
+    plan: JobPlan | None = None,
+    lock: OutputLock | None = None,
+    work: Work | None = None,
 ) -> dict[str, Any]:
     """Run the job on the current Ray cluster and return its summary (also written beside the output).
 
     Validates the job first (``pipelines.validate``; a JobError leaves everything as it was) unless given
     its ``plan``, and holds the output's lock for the whole run unless the caller holds it (``lock``):
-    ``jobs.run`` does both before it starts Ray, so a mistake or a busy output costs no cluster start."""
+    ``jobs.run`` does both before it starts Ray, so a mistake or a busy output costs no cluster start.
+    ``work``: what ``prepare_work`` decided, holding that lock. A run with nothing to do (every row done,
+    no error row to retry) uses no Ray: it audits the output and writes its summary."""
     started = time.perf_counter()
     use(config.storage)
     plan = plan or validate_job(config, run_id)
     if lock is not None:
-        return _run_locked(config, run_id, plan, started)
+        return _run_locked(config, run_id, plan, started, work)
     with OutputLock(config.output.path, run_id):
-        return _run_locked(config, run_id, plan, started)
+        return _run_locked(config, run_id, plan, started, work)
 
 
-def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -> dict[str, Any]:
+def _run_locked(
+    config: JobConfig, run_id: str, plan: JobPlan, started: float, work: Work | None
+) -> dict[str, Any]:
+    out = config.output
+    work = work or prepare_work(config, plan)
+    if work.skipped:
+        logger.info(
+            "resume: %s already holds %d rows of this run; their ids are skipped", out.path, work.skipped
+        )
+    if work.retry:
+        logger.info(
+            "retry: %d error rows (%s) run again; their new rows replace them", work.retry.rows,
+            ", ".join(work.retry.codes),
+        )  # fmt: skip
+    if work.idle:
+        logger.info("nothing to do: every row of this run is in %s; no Ray, no engine", out.path)
+        check = audit(plan.input_ids, out.path, plan.run_ids)
+        return _finish(config, run_id, plan, work, WriteStats(), check, True, started, {}, None)
     from pipelines.placement import check_placement
 
     check_placement(config)  # a stage no node can host would wait forever: exit 2 before anything is read
-    out = config.output
-    done_ids = prepare_output(out)
-    # Input rows of this run found done, not output rows: those may include rows outside a --limit.
-    # Without a limit the input's ids are streamed again (batch by batch), not held.
-    # (done_ids itself is the output's ids in memory: resume's skip set goes to Ray's tasks as it is.)
-    keep_ids = None
-    if plan.run_ids is not None:  # a --limit run: its few ids are in the plan
-        skipped = count_in([("", 0, plan.run_ids)], done_ids)
-        keep_ids = plan.run_ids.filter(pc.invert(pc.is_in(plan.run_ids, value_set=done_ids)))
-    else:
-        skipped = count_in(plan.input_ids.batches(), done_ids)
     warn_if_resources_short(config)
-    # Files whose every row is in the output already are not read at all (an input directory that keeps
-    # receiving files: each run reads the new ones and any a killed run left unfinished).
-    files = pending_files(plan.input_ids, done_ids) if keep_ids is None else list(plan.files)
     # Segments of the input, each its own Ray Data execution (the driver keeps per-block stats for a whole
     # execution); a --limit run is small: one.
     segments = (
-        [files]
-        if keep_ids is not None
-        else file_segments(plan.input_ids, files, config.resources.segment_rows)
+        [work.files]
+        if work.keep_ids is not None
+        else file_segments(plan.input_ids, work.files, config.resources.segment_rows)
     )
     from pipelines.ledger import RayAttemptLedger
 
     ledger = RayAttemptLedger(run_id).create()  # outlives GPU actors that crash
-
-    if len(done_ids):
-        logger.info("resume: %s already holds %d rows; their ids are skipped", out.path, len(done_ids))
 
     def executions():  # built one at a time: the next once the writer has taken the last block of this one
         for group in segments:
             group = group or list(plan.files[:1])  # nothing left to do: one file read, its rows all skipped
             # each read task gets its skip set: the segment's own done ids (a --limit run's keep_ids
             # already leave done rows out)
-            skip = done_among(plan.input_ids, group, done_ids) if keep_ids is None else done_ids[:0]
-            ds = read_input(config, skip, keep_ids, files=group, schema=plan.schema)
+            skip = (
+                done_among(plan.input_ids, group, work.skip_ids)
+                if work.keep_ids is None
+                else work.skip_ids[:0]
+            )
+            ds = read_input(config, skip, work.keep_ids, files=group, schema=plan.schema)
             yield apply(ds, build_stages(config, run_id, ledger))
 
-    total = len(keep_ids) if keep_ids is not None else plan.input_rows - skipped
     monitor = ProgressMonitor(
         lambda: ledger.actor_stats().get("progress", {}),
-        total,
+        work.pending,
         every_s=config.progress.every_s,
         log=not sys.stderr.isatty(),  # a terminal has Ray Data's progress bars
         engines=lambda: ledger.actor_stats().get("generate", {}),
@@ -260,8 +323,9 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     from pipelines.writer import write_stream
 
     # Parts of commit_every_rows rows (or commit_every_s seconds of rows) whatever the blocks' sizes:
-    # the writer actor buffers rows across blocks (pipelines.writer).
-    into = staging_name(run_id) if out.mode == "overwrite" else None
+    # the writer actor buffers rows across blocks (pipelines.writer). An overwrite, and a retry (whose
+    # new rows replace old ones), stage theirs until they commit.
+    into = staging_name(run_id) if out.mode == "overwrite" or work.retry else None
     try:
         stats = write_stream(
             executions(), out, run_id, into=into, lock_run_id=run_id, storage=config.storage,
@@ -272,18 +336,43 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
     finally:
         monitor.stop()
         ledger.close()
-    wall_s = time.perf_counter() - started
-    # An overwrite is audited where it was staged and swapped in only when whole: otherwise the old
-    # output stays as it was (and the staged parts are removed by the next run). The audit streams the
-    # input's and the output's ids into hash buckets: bounded memory whatever the row count.
-    check = audit(
-        plan.input_ids, f"{out.path.rstrip('/')}/{into}" if into else out.path, plan.run_ids, stats.files
-    )
-    committed = check.ok or out.mode != "overwrite"
-    if committed:
-        commit_run(out.path, run_id, out.mode, stats.files)
+    # An overwrite is audited where it was staged and swapped in only when whole, a retry as its commit
+    # would leave the output: otherwise the old output stays as it was (and the staged parts are removed
+    # by the next run). The audit streams the input's and the output's ids into hash buckets: bounded
+    # memory whatever the row count.
+    if work.retry:
+        staged = stats.files + stage_kept_rows(out.path, run_id, work.retry)
+        check = audit_ids(plan.input_ids, parts_after(out.path, run_id, work.retry, staged), plan.run_ids)
+        if check.ok:
+            commit_retry(out.path, run_id, staged, work.retry)
     else:
-        logger.error("overwrite of %s not committed: its audit failed; the old output is unchanged", out.path)
+        check = audit(
+            plan.input_ids, f"{out.path.rstrip('/')}/{into}" if into else out.path, plan.run_ids, stats.files
+        )
+        if check.ok or out.mode != "overwrite":
+            commit_run(out.path, run_id, out.mode, stats.files)
+    committed = check.ok or not into
+    if not committed:
+        logger.error("%s not committed: its audit failed; the old output is unchanged", out.path)
+    return _finish(config, run_id, plan, work, stats, check, committed, started, actors, monitor)
+
+
+def _finish(
+    config: JobConfig,
+    run_id: str,
+    plan: JobPlan,
+    work: Work,
+    stats: WriteStats,
+    check: Audit,
+    committed: bool,
+    started: float,
+    actors: dict,
+    monitor: ProgressMonitor | None,
+) -> dict[str, Any]:
+    """The run's summary, written beside the output with its rate plot (``monitor``'s samples; none for
+    a run with nothing to do); returned."""
+    out = config.output
+    wall_s = time.perf_counter() - started
     summary = {
         "run_id": run_id,
         "input": redact(config.input.path),
@@ -292,7 +381,9 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         "mode": out.mode,
         "committed": committed,
         "rows_written": stats.rows,
-        "rows_skipped_already_done": skipped,
+        "rows_skipped_already_done": work.skipped,
+        "rows_retried": work.retry.rows if work.retry else 0,
+        "nothing_to_do": work.idle,
         "status": dict(stats.status),
         "error_codes": dict(sorted(stats.error_codes.items())),
         "finish_reasons": dict(sorted(stats.finish_reasons.items())),
@@ -306,11 +397,11 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         "engines": {k: v for k, v in actors.get("generate", {}).items() if "starting_since" not in v},
         "cpu_actors": actors.get("preprocess", {}),
         "audit": {**check.__dict__, "ok": check.ok},
-        "input_files": input_files_record(plan.input_ids, files),
+        "input_files": input_files_record(plan.input_ids, work.files),
         "provenance": provenance(config, actors.get("device", {}), plan.adapters),
     }
     plot = None
-    if config.progress.plot:
+    if config.progress.plot and monitor is not None:
         ups = sorted(
             e["ready_at"] - monitor.started_wall for e in summary["engines"].values() if "ready_at" in e
         )

@@ -16,7 +16,7 @@ from schemas.annotation import RepetitionConfig, StructuredConfig, check_annotat
 from schemas.errors import JobError
 from schemas.model import PHI4MM
 from schemas.multitask import TaskSpec, check_tasks
-from schemas.rows import OUTPUT_SCHEMA
+from schemas.rows import OUTPUT_SCHEMA, ErrorCode
 from schemas.sampling import MaxTokens, RowSampling, Seed, StopStrings, Temperature, TopP
 from schemas.task import TaskConfig
 
@@ -253,6 +253,34 @@ class OutputConfig(_Strict):
             "name with an output column."
         ),
     )
+    retry_errors: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Error codes whose rows a resume runs again (CLI: --retry-errors CODE,...), e.g. "
+            "[MEDIA_FETCH_TIMEOUT]: each such row's new result, ok or an error again, replaces the old row "
+            "in one commit, so every id keeps one row. Empty: error rows stay as they are."
+        ),
+    )
+
+    @field_validator("retry_errors")
+    @classmethod
+    def _check_retry_errors(cls, codes: list[str]) -> list[str]:
+        known = [c.value for c in ErrorCode]
+        if unknown := [c for c in codes if c not in known]:
+            raise ValueError(
+                f"{unknown[0]!r} is not an error code. Try codes of the README's Error codes list, e.g. "
+                "MEDIA_FETCH_TIMEOUT"
+            )
+        return list(dict.fromkeys(codes))
+
+    @model_validator(mode="after")
+    def _check_retry_mode(self) -> OutputConfig:
+        if self.retry_errors and self.mode != "resume":
+            raise ValueError(
+                f"output.retry_errors runs error rows again into the output as it is, which output.mode "
+                f"{self.mode!r} does not keep. Try output.mode: resume (CLI: --mode resume)."
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_column_names(self) -> OutputConfig:

@@ -157,3 +157,71 @@ def test_dry_run_on_worker_processes_counts_as_in_this_process(job, capsys):
         report.pop("dry_run_s")
         reports[workers] = report
     assert reports["1"] == reports["2"] and reports["1"]["status"] == {"ok": 10, "error": 2}
+
+
+def _all_done(out) -> None:
+    """The job's output as an earlier run left it: every sample row, broken-empty-row a MISSING_INPUT."""
+    rows = [
+        {f.name: None for f in OUTPUT_SCHEMA}
+        | {"id": r["id"], "status": "ok"}
+        | ({"status": "error", "error_code": "MISSING_INPUT"} if r["id"] == "broken-empty-row" else {})
+        for r in sample_rows()
+    ]
+    write_part_files(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), str(out), "earlier", 0, 100)
+
+
+def test_a_run_with_nothing_to_do_starts_no_ray(job, capsys, monkeypatch):
+    """Every row done (and no error row of a --retry-errors code): the summary and exit 0, no Ray."""
+    import ray
+
+    cfg, out = job
+    _all_done(out)
+    started = []
+
+    def init(*args, **kwargs):
+        started.append(args)
+        raise AssertionError("ray.init called")
+
+    monkeypatch.setattr(ray, "init", init)
+    for retry in ([], ["--retry-errors", "IMAGE_DECODE_ERROR"]):  # no such error row: nothing to do either
+        assert main(["--config", cfg, *retry]) == 0
+        stdout = capsys.readouterr().out
+        summary = json.loads(stdout.split("SUMMARY_JSON ", 1)[1])
+        assert not started and not ray.is_initialized()
+        assert summary["nothing_to_do"] and summary["rows_written"] == 0 and summary["audit"]["ok"]
+        assert summary["rows_skipped_already_done"] == summary["audit"]["output_rows"] == len(sample_rows())
+        assert summary["input_files"]["read"] == 0 and "nothing to do" in stdout
+        assert (out / f"_run-{summary['run_id']}.json").exists()
+    # an error row of a chosen code: there is work, so Ray starts (here: the sentinel, a failed run)
+    assert main(["--config", cfg, "--retry-errors", "MISSING_INPUT"]) == 3 and len(started) == 1
+
+
+@pytest.mark.parametrize(
+    "options, needles",
+    [
+        (
+            ["--retry-errors", "MEDIA_NOT_FUND"],
+            ["output.retry_errors", "'MEDIA_NOT_FUND' is not an error code"],
+        ),
+        (
+            ["--retry-errors", "MISSING_INPUT", "--mode", "overwrite"],
+            ["output.retry_errors", "output.mode: resume"],
+        ),
+        (["--retry-errors", " , "], ["--retry-errors", "names no error code"]),
+    ],
+)
+def test_a_bad_retry_errors_is_one_line(job, capsys, options, needles):
+    cfg, out = job
+    assert main(["--config", cfg, *options]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Try " in lines[0] and all(n in lines[0] for n in needles), lines
+    assert not out.exists()
+
+
+def test_dry_run_counts_the_rows_retry_errors_runs_again(job, capsys):
+    cfg, out = job
+    _all_done(out)
+    assert main(["--config", cfg, "--dry-run", "--retry-errors", "MISSING_INPUT,IMAGE_DECODE_ERROR"]) == 0
+    report = json.loads(capsys.readouterr().out.split("DRY_RUN_JSON ", 1)[1])
+    assert report["rows"] == 1 and report["error_codes"] == {"MISSING_INPUT": 1}
+    assert report["rows_skipped_already_done"] == len(sample_rows()) - 1
