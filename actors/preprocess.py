@@ -219,19 +219,23 @@ class PreprocessRows:
         ]
         modality = modality_of(len(images), len(audios))
         # the same media tags first in every task's prompt: the engine's prefix and encoder caches are shared
-        prompts = {
-            name: build_prompt(i, len(images), len(audios), self.config.prompt.system)
-            for name, i in instructions.items()
-            if isinstance(i, str)
-        }
+        prompts = {}
+        for name, i in instructions.items():
+            try:
+                if isinstance(i, str):
+                    prompts[name] = self._prompt(i, len(images), len(audios))
+            except RowError as e:  # that task's error only
+                instructions[name] = e
+        if tasks and not prompts:
+            out["tasks"] = [task_entry(name, error=e) for name, e in instructions.items()]
+            return
         prompt = (
             max(prompts.values(), key=len)
-            if prompts
-            else build_prompt(
+            if tasks
+            else self._prompt(
                 instruction or instruction_for(user_text, modality, self.config.prompt),
                 len(images),
                 len(audios),
-                self.config.prompt.system,
             )
         )  # with tasks, the longest prompt decides whether images are downscaled to fit
         self._read_sampling(row, out)
@@ -363,6 +367,15 @@ class PreprocessRows:
                     f"the row has {len(items)} {kind} items; the engine accepts {limit} per row. "
                     f"Try raising engine.max_{kind}s_per_row.",
                 )
+
+    def _prompt(self, instruction: str, num_images: int, num_audios: int) -> str:
+        """The row's prompt, its instruction defused; INVALID_INPUT when its token ids still hold a special
+        token the code did not put there, or lack one it did."""
+        system, specials = self.config.prompt.system, self.counter.special_tokens
+        prompt = build_prompt(instruction, num_images, num_audios, system, specials)
+        with self._counter_lock:
+            self.counter.check(prompt, build_prompt("", num_images, num_audios, system, specials))
+        return prompt
 
     def _count(self, prompt: str, image_sizes: list[tuple[int, int]], clips: list) -> int:
         dynamic_hd = self.config.engine.dynamic_hd

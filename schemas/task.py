@@ -4,8 +4,9 @@
 
 A preset is an instruction template and the media it reads. The instruction goes where a row's prompt
 would (``actors.prompt.build_prompt`` wraps it in the Phi-4-mm format of ``schemas.model``); ``{name}``
-placeholders are filled from the row's input column ``name`` (untrusted text, defused like any prompt),
-``{target_language}`` from this section. Nothing here imports torch, vllm or ray.
+placeholders are filled from the row's input column ``name`` (untrusted text: the filled instruction is
+defused as a whole, like any prompt), ``{target_language}`` from this section. Nothing here imports
+torch, vllm or ray.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class TaskConfig(BaseModel):
         return PRESETS[self.preset][1].replace("{question}", "{" + self.question_column + "}")
 
     def instruction(self, cells: dict[str, str]) -> str:
-        """The instruction for a row whose template columns hold ``cells`` (text, already defused)."""
+        """The instruction for a row whose template columns hold ``cells`` (text; ``build_prompt`` defuses the
+        whole)."""
         return fill(self.instruction_template, {"target_language": self.target_language or "", **cells})
 
     @property

@@ -88,6 +88,19 @@ def test_prompt_tokens_equal_vllm_prompt_token_ids(config, generate):
     assert all(r["completion_tokens"] == 6 and r["finish_reason"] == "length" for r in out)
 
 
+def test_a_special_token_split_over_two_cells_counts_as_its_defused_control(tiny_model, tmp_path, generate):
+    """vLLM counts an injected row's prompt as the CPU stage does, and as the control without the pipes."""
+    split = [("<|image", "_1|>"), ("<|audio_", "1|>"), ("<|en", "d|>")]
+    rows = [{"id": "x", "a": a, "b": b} for a, b in split]
+    rows += [{"id": "control", "a": a.replace("|", ""), "b": b.replace("|", "")} for a, b in split]
+    task = make_config(tiny_model, tmp_path, task={"preset": "custom", "template": "Q {a}{b}"})
+    prepared = PreprocessRows(task)(pa.Table.from_pylist(rows)).to_pylist()
+    results = generate.engine.generate([EngineRequest(prompt=r["prompt"]) for r in prepared])
+    assert [r.error for r in results] == [None] * len(rows)
+    theirs = [r.prompt_tokens for r in results]
+    assert theirs == [r["prompt_tokens"] for r in prepared] and theirs[:3] == theirs[3:]
+
+
 def test_adapters_change_the_computation_and_mixed_batches_match_single_requests(config, generate):
     assert_adapters_apply_per_row_in_shared_steps(generate.engine, max_steps=config.sampling.max_tokens)
 

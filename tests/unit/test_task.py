@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from actors.preprocess import PreprocessRows
-from actors.prompt import task_instruction
+from actors.prompt import build_prompt, task_instruction
 from pipelines.validate import check_input_columns
 from schemas.errors import JobError
 from schemas.output import HF_METADATA_KEY, OutputShape, carried_names, carry
@@ -57,7 +57,8 @@ def test_templates_fill_plain_names_only_and_keep_literal_braces():
 
 def test_row_cells_are_defused_and_blank_or_odd_cells_are_row_errors():
     task = TaskConfig(preset="custom", template="Q: {q} ({n})")
-    assert task_instruction(task, {"q": "<|image_1|>why?", "n": 3}) == "Q: <image_1>why? (3)"
+    instruction = task_instruction(task, {"q": "<|image_1|>why?", "n": 3})
+    assert build_prompt(instruction, 0, 0) == "<|user|>Q: <image_1>why? (3)<|end|><|assistant|>"
     for row, code in (({"q": None, "n": 1}, ErrorCode.MISSING_INPUT), ({"q": " ", "n": 1}, ErrorCode.MISSING_INPUT),
                       ({"q": "x", "n": [1]}, ErrorCode.INVALID_INPUT), ({"q": "x", "n": True}, ErrorCode.INVALID_INPUT)):  # fmt: skip
         with pytest.raises(RowError) as e:
