@@ -25,11 +25,12 @@ import pyarrow.parquet as pq
 from actors.engines.adapters import adapter_rank, resolve_adapters
 from pipelines.ids import IdColumn, IdReadError, partition, shown
 from pipelines.io import check_output_mode, check_run_id_unused
-from pipelines.storage import filesystem_for, redact, use
+from pipelines.storage import filesystem_for, use
 from schemas.adapters import ADAPTERS, CONFIG_FILE, engine_lora_rank
 from schemas.errors import JobError
 from schemas.job import JobConfig, ModelConfig
 from schemas.model import PHI4MM, Adapter
+from schemas.redact import redact
 from schemas.task import TaskConfig
 
 logger = logging.getLogger(__name__)

@@ -278,3 +278,11 @@ def test_the_cli_prints_one_line_and_nothing_else(job):
 )
 def test_a_bad_tasks_section_is_one_line(job, capsys, sections, needles):
     _fails(job, capsys, ["--config", job.config(**sections)], *needles)
+
+
+def test_a_job_error_shows_urls_without_their_secrets(job, capsys):
+    url = "https://user:PASSWORD@host.example/in/?sv=2022-11-02&sig=SASSECRET&X-Amz-Signature=AMZSECRET"
+    line = _fails(
+        job, capsys, ["--config", job.config(), "--input", url], "input.path https://***@host.example"
+    )
+    assert "SECRET" not in line and "PASSWORD" not in line and "sv=2022-11-02" in line
