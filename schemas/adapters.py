@@ -34,7 +34,7 @@ _MODULE_PREFIXES = ("", "model.", "model.model.", "base_model.model.model.", "la
 class AdaptersConfig(BaseModel):
     """The job's own fine-tuned adapters in place of the checkpoint's vision-lora/ and speech-lora/."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     vision: str | None = Field(
         None,
@@ -61,6 +61,7 @@ class AdaptersConfig(BaseModel):
     max_bytes: int = Field(
         4 * 2**30,
         ge=1,
+        le=2**40,
         description="Refuse an adapter folder whose files total more than this (checked before it is copied).",
     )
 
