@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from pipelines.lock import OutputLock
 from pipelines.validate import validate_job
 from schemas.errors import JobError
-from schemas.job import LOCAL_PATH_KEYS, JobConfig
+from schemas.job import LOCAL_PATH_KEYS, ConfigTooLarge, JobConfig, load_yaml
 from schemas.redact import install_log_filter, redact
 
 logger = logging.getLogger("phi4mm_batch")
@@ -109,7 +109,9 @@ def _key_value(text: str) -> tuple[str, object]:
             f"{text!r} is not KEY=VALUE with a dotted key such as engine.max_model_len=8192"
         )
     try:
-        return key, yaml.safe_load(value) if value.strip() else ""
+        return key, load_yaml(value) if value.strip() else ""
+    except ConfigTooLarge as e:
+        raise argparse.ArgumentTypeError(f"{key}=...: the value {e}") from None
     except yaml.YAMLError as e:
         raise argparse.ArgumentTypeError(
             f"{text!r}: the value is not YAML ({' '.join(str(e).split())})"

@@ -53,9 +53,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# A config's YAML (a file or a --set value) is bounded before anything walks it: its text, and its values
+# with each alias counted as often as it is used, so an alias bomb (10 aliases of 10 aliases ... of a list:
+# 10**8 values from a few hundred bytes) is refused in microseconds instead of hanging validation.
+MAX_CONFIG_CHARS = 1_000_000
+MAX_CONFIG_VALUES = 100_000
+
+
+class ConfigTooLarge(yaml.YAMLError):
+    """A config's YAML past ``MAX_CONFIG_CHARS`` or ``MAX_CONFIG_VALUES``, or nested past Python's stack."""
+
+
+def _expanded_values(root: yaml.Node) -> int:
+    """Nodes of the document with every alias expanded, counted without expanding them (each node once,
+    after its children); a recursive alias raises ``ConfigTooLarge``."""
+    sizes: dict[int, int] = {}
+    started: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        if children_done:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_CONFIG_VALUES:
+                raise ConfigTooLarge(
+                    f"expands to more than {MAX_CONFIG_VALUES:,} values (each use of an alias counts its values "
+                    "again: an alias bomb?)"
+                )
+        elif id(node) not in sizes:
+            if id(node) in started:
+                raise ConfigTooLarge("holds an alias inside its own anchor (a value that contains itself)")
+            started.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys without a word: a second ``model:`` section would silently
-    replace the first. This loader refuses any mapping key given twice (merge keys ``<<`` excepted)."""
+    replace the first. This loader refuses any mapping key given twice (merge keys ``<<`` excepted), and
+    any document past ``MAX_CONFIG_VALUES`` once its aliases are expanded (counted before it is built)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_values(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -71,10 +116,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def load_yaml(text: str):
+    """YAML text as Python values, read safely (``_UniqueKeyLoader``) and bounded (``MAX_CONFIG_CHARS``,
+    ``MAX_CONFIG_VALUES``); ``yaml.YAMLError`` (``ConfigTooLarge`` for the bounds) on a bad text."""
+    if len(text) > MAX_CONFIG_CHARS:
+        raise ConfigTooLarge(f"is longer than {MAX_CONFIG_CHARS:,} characters")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+    except RecursionError:  # PyYAML composes and constructs recursively, one frame per level
+        raise ConfigTooLarge("nests values more deeply than Python's stack allows") from None
+
+
 def _read_yaml_mapping(path: Path) -> dict:
     """The YAML file's top-level mapping; JobError (one line, file and line) for anything else."""
     try:
-        text = path.read_text()
+        with path.open(encoding="utf-8") as f:
+            text = f.read(MAX_CONFIG_CHARS + 1)  # a larger file is refused without reading it all
     except FileNotFoundError:
         raise JobError(
             f"config file {path} does not exist. Try --config with a job YAML such as jobs/configs/demo.yaml."
@@ -82,7 +139,12 @@ def _read_yaml_mapping(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise JobError(f"config file {path} cannot be read ({e}). Try a readable UTF-8 YAML file.") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+        raw = load_yaml(text)
+    except ConfigTooLarge as e:
+        raise JobError(
+            f"{path}: the YAML {e}. Try writing the config out without aliases that repeat large parts, or a "
+            "smaller one."
+        ) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
