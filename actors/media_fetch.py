@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urljoin
 
 from schemas.job import StorageConfig
+from schemas.redact import redact
 from schemas.rows import ErrorCode, RowError
 
 TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
@@ -102,8 +103,6 @@ class RemoteFetcher:
 
     # --- one item ---------------------------------------------------------------------------------
     def _fetch(self, url: str, shown: str, kind: str) -> bytes:
-        from pipelines.storage import redact
-
         shown = redact(shown)  # a presigned URL's signature stays out of error rows and logs
         scheme = url.split("://", 1)[0].lower()
         if scheme == "s3":

@@ -47,10 +47,12 @@ from schemas.annotation import STRUCTURED_CELL_CHARS, StructuredSpec, schema_key
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
 from schemas.output import carry
+from schemas.redact import RedactingFilter, redact
 from schemas.rows import PREPARED_SCHEMA, ErrorCode, RowError, Status, empty_prepared_row
 from schemas.sampling import RowSampling
 
 logger = logging.getLogger(__name__)
+logger.addFilter(RedactingFilter())  # a failure's traceback may quote a row's presigned URL
 
 
 def _sizes(images: list[DecodedImage]) -> list[tuple[int, int]]:
@@ -164,7 +166,9 @@ class PreprocessRows:
             out.update(
                 status=Status.ERROR.value,
                 error_code=ErrorCode.PREPROCESS_ERROR.value,
-                error_message=f"unexpected {type(e).__name__}: {e}. This is a bug; please report it with the row.",
+                error_message=redact(
+                    f"unexpected {type(e).__name__}: {e}. This is a bug; please report it with the row."
+                ),
             )
         if out["status"] == Status.ERROR.value:
             out.update(images=None, audios=None, prompt=None)

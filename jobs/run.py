@@ -36,7 +36,8 @@ from actors.engines.vllm_stats import work_line
 from pipelines.lock import OutputLock
 from pipelines.validate import validate_job
 from schemas.errors import JobError
-from schemas.job import LOCAL_PATH_KEYS, JobConfig
+from schemas.job import LOCAL_PATH_KEYS, ConfigTooLarge, JobConfig, load_yaml
+from schemas.redact import install_log_filter, redact
 
 logger = logging.getLogger("phi4mm_batch")
 
@@ -44,7 +45,7 @@ EXIT_AUDIT_FAILED, EXIT_JOB_ERROR, EXIT_RUN_FAILED = 1, 2, 3
 
 
 def error_line(message: str) -> str:
-    return "phi4mm-batch: error: " + " ".join(message.split())  # one line, whatever the message holds
+    return "phi4mm-batch: error: " + " ".join(redact(message).split())  # one line, no URL's secrets
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,7 +122,9 @@ def _key_value(text: str) -> tuple[str, object]:
             f"{text!r} is not KEY=VALUE with a dotted key such as engine.max_model_len=8192"
         )
     try:
-        return key, yaml.safe_load(value) if value.strip() else ""
+        return key, load_yaml(value) if value.strip() else ""
+    except ConfigTooLarge as e:
+        raise argparse.ArgumentTypeError(f"{key}=...: the value {e}") from None
     except yaml.YAMLError as e:
         raise argparse.ArgumentTypeError(
             f"{text!r}: the value is not YAML ({' '.join(str(e).split())})"
@@ -293,6 +296,7 @@ def validation_lines(error: ValidationError, source: str, sets: list[tuple[str, 
 def main(argv: list[str] | None = None) -> int:
     # Warnings only until the pre-run checks pass: a job-level mistake is one line on stderr.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filter()  # every line this process logs shows URLs without their secrets
     try:
         args = parse_args(argv)
     except SystemExit as e:  # --help, or a CLI mistake already reported in one line

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 from pipelines.cpu_pool import prepare_in_processes, usable_cores
 from pipelines.io import committed_ids
 from pipelines.retry import retry_of, without
-from pipelines.storage import redact
 from pipelines.validate import JobPlan
 from schemas.job import JobConfig, pool_bounds
+from schemas.redact import redact
 from schemas.rows import ErrorCode, Status
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu-cuda-h200.json"

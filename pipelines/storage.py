@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 
 import pyarrow.fs as pafs
 
 from schemas.errors import JobError
 from schemas.job import StorageConfig
+from schemas.redact import redact
 
 _current = StorageConfig()
 
@@ -133,18 +133,3 @@ def _s3(endpoint, region, connect_timeout_s, request_timeout_s, max_attempts) ->
         request_timeout=request_timeout_s,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
     )
-
-
-_SECRETISH = re.compile(r"(?i)((?:secret|token|password|key|signature|credential)[^=&]*=)[^&]*")
-
-
-def redact(uri: str) -> str:
-    """``uri`` as it may be shown: user info and the values of secret-looking query keys replaced by ***."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        return uri
-    host, slash, path = rest.partition("/")
-    if "@" in host:
-        host = "***@" + host.rsplit("@", 1)[1]
-    path = _SECRETISH.sub(r"\1***", path)
-    return f"{scheme}{sep}{host}{slash}{path}"

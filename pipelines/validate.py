@@ -32,7 +32,6 @@ from pipelines.storage import (
     filesystem_for,
     is_object_store,
     location,
-    redact,
     unreachable,
     unwritable,
     use,
@@ -42,6 +41,7 @@ from schemas.adapters import ADAPTERS, CONFIG_FILE, engine_lora_rank
 from schemas.errors import JobError
 from schemas.job import JobConfig, ModelConfig
 from schemas.model import PHI4MM, Adapter
+from schemas.redact import redact
 from schemas.task import TaskConfig
 
 logger = logging.getLogger(__name__)

@@ -4,15 +4,19 @@ engine starts (README, "Your own adapters").
     check_files("model.adapters.speech", source, {"adapter_config.json": 700, ...}, max_bytes)
     info = check_adapter_dir("model.adapters.speech", Path(folder), max_bytes)  # AdapterInfo(rank, ...)
 
-Pure: reads a local folder's names, sizes and adapter_config.json, nothing else; a remote adapter is
+Reads a local folder's names, sizes and adapter_config.json, nothing else (a ``target_modules`` regex is
+matched in a child Python, with a time limit: ``_regex_matches``); a remote adapter is
 listed and fetched by ``actors.engines.adapters``, which hands the names and the local copy to these
 checks. A failed check is a ``JobError`` naming the key and ending in "Try ...". No torch, vLLM or Ray.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +33,27 @@ ADAPTERS: tuple[Adapter, ...] = ("vision", "speech")
 # Where a PEFT adapter's module names may start, by the object it was trained on: the checkpoint's own
 # remote code wraps the inner model (layers.N...), transformers' Phi4MultimodalForCausalLM its outer one.
 _MODULE_PREFIXES = ("", "model.", "model.model.", "base_model.model.model.", "language_model.model.")
+# Other modules PEFT matches a target_modules regex against when it loads the adapter: the model's longest
+# names, where a regex that backtracks costs the most.
+_OTHER_MODULES = (
+    "model.embed_tokens",
+    "model.layers.31.self_attn",
+    "model.layers.31.post_attention_layernorm",
+    "model.embed_tokens_extend.image_embed.img_processor.encoder.layers.26.self_attn.out_proj",
+    "model.embed_tokens_extend.audio_embed.encoder.encoders.23.feed_forward_out.net.0.linear",
+    "base_model.model.model.embed_tokens_extend.audio_embed.audio_projection.vision.2",
+    "lm_head",
+)
+REGEX_TIME_LIMIT_S = 5.0  # to match a target_modules regex against those names (sound ones: microseconds)
+# Python's re cannot be interrupted (a thread matching holds the interpreter), so a child process matches
+# and is killed at the limit; it runs with re as PEFT does, on the names above.
+_MATCHER = "import json, re, sys; p, ns = json.load(sys.stdin); print(json.dumps([bool(re.fullmatch(p, n)) for n in ns]))"
 
 
 class AdaptersConfig(BaseModel):
     """The job's own fine-tuned adapters in place of the checkpoint's vision-lora/ and speech-lora/."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     vision: str | None = Field(
         None,
@@ -61,6 +80,7 @@ class AdaptersConfig(BaseModel):
     max_bytes: int = Field(
         4 * 2**30,
         ge=1,
+        le=2**40,
         description="Refuse an adapter folder whose files total more than this (checked before it is copied).",
     )
 
@@ -91,6 +111,22 @@ def _module_names() -> list[str]:
     return [f"{p}layers.0.{m}" for p in _MODULE_PREFIXES for m in PHI4MM.lora_layer_modules]
 
 
+@functools.lru_cache(maxsize=64)
+def _regex_matches(pattern: str) -> tuple[str, ...] | None:
+    """The allowed module names ``pattern`` fullmatches, matched by ``re`` as PEFT does; None when matching
+    it against those and ``_OTHER_MODULES`` takes more than ``REGEX_TIME_LIMIT_S`` (a pattern that
+    backtracks exponentially, such as ``(.*.*)*X``, would hang validation here and the adapter's load)."""
+    names = [*_module_names(), *_OTHER_MODULES]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _MATCHER], input=json.dumps([pattern, names]),
+            capture_output=True, text=True, timeout=REGEX_TIME_LIMIT_S, check=True,
+        )  # fmt: skip
+    except (subprocess.TimeoutExpired, subprocess.CalledProcessError):
+        return None
+    return tuple(n for n, hit in zip(names, json.loads(done.stdout), strict=True) if hit)
+
+
 def target_problem(targets) -> str | None:
     """Why ``target_modules`` is not one vLLM can apply to Phi-4-mm's language model; None when it is.
 
@@ -99,10 +135,17 @@ def target_problem(targets) -> str | None:
     names = _module_names()
     if isinstance(targets, str):
         try:
-            pattern = re.compile(targets)
+            re.compile(targets)
         except re.error as e:
             return f"target_modules {targets!r} is not a valid regex ({e})"
-        if not any(pattern.fullmatch(n) for n in names):
+        matched = _regex_matches(targets)
+        if matched is None:
+            return (
+                f"the target_modules regex {targets!r} takes more than {REGEX_TIME_LIMIT_S:g} s to match module "
+                "names (it backtracks: nested or overlapping repeats such as (.*)*), and PEFT would take as long "
+                "for each module"
+            )
+        if not set(matched) & set(names):
             return f"the target_modules regex {targets!r} matches none of the language model's projections"
         return None
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):

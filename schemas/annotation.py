@@ -154,7 +154,7 @@ class RepetitionConfig(BaseModel):
         description="Stop looping rows (on by default; off with sampling.ignore_eos, which benchmarks use).",
     )
     min_pattern_size: int = Field(
-        1, ge=1, description="Shortest repeated pattern, in tokens, that counts as a loop."
+        1, ge=1, le=1024, description="Shortest repeated pattern, in tokens, that counts as a loop."
     )
     max_pattern_size: int = Field(
         64, ge=1, le=1024, description="Longest repeated pattern, in tokens, looked for."
@@ -162,6 +162,7 @@ class RepetitionConfig(BaseModel):
     min_count: int = Field(
         16,
         ge=2,
+        le=2**31 - 1,
         description=(
             "Times a pattern must repeat back to back, at the end of the answer, to stop the row: the default "
             "spares lists and tables a few lines long while cutting real loops early."

@@ -6,7 +6,7 @@ Every model has ``extra="forbid"`` so a typo in a YAML key fails at load time wi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -17,7 +17,16 @@ from schemas.errors import JobError
 from schemas.model import PHI4MM
 from schemas.multitask import TaskSpec, check_tasks
 from schemas.rows import OUTPUT_SCHEMA, ErrorCode
-from schemas.sampling import MaxTokens, RowSampling, Seed, StopStrings, Temperature, TopP
+from schemas.sampling import (
+    INT32_MAX,
+    INT64_MAX,
+    MaxTokens,
+    RowSampling,
+    Seed,
+    StopStrings,
+    Temperature,
+    TopP,
+)
 from schemas.task import TaskConfig
 
 # Config keys holding a local path, resolved against the YAML's directory (CLI values: the current one).
@@ -33,13 +42,65 @@ LOCAL_PATH_KEYS = (
 )
 
 
+# Upper bounds of numeric settings: every number in a config is finite (``allow_inf_nan=False``) and bounded,
+# so `.inf`, `nan` or `1e300` is a config error naming the key, never an OverflowError in a stage.
+DAY_S = 86_400.0  # a time limit or interval
+MAX_BYTES = 2**40  # a cap on bytes, pixels or samples (1 TiB)
+MAX_ACTORS = 4096  # actors in a pool, CPUs or GPUs of one actor, threads
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# A config's YAML (a file or a --set value) is bounded before anything walks it: its text, and its values
+# with each alias counted as often as it is used, so an alias bomb (10 aliases of 10 aliases ... of a list:
+# 10**8 values from a few hundred bytes) is refused in microseconds instead of hanging validation.
+MAX_CONFIG_CHARS = 1_000_000
+MAX_CONFIG_VALUES = 100_000
+
+
+class ConfigTooLarge(yaml.YAMLError):
+    """A config's YAML past ``MAX_CONFIG_CHARS`` or ``MAX_CONFIG_VALUES``, or nested past Python's stack."""
+
+
+def _expanded_values(root: yaml.Node) -> int:
+    """Nodes of the document with every alias expanded, counted without expanding them (each node once,
+    after its children); a recursive alias raises ``ConfigTooLarge``."""
+    sizes: dict[int, int] = {}
+    started: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        if children_done:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_CONFIG_VALUES:
+                raise ConfigTooLarge(
+                    f"expands to more than {MAX_CONFIG_VALUES:,} values (each use of an alias counts its values "
+                    "again: an alias bomb?)"
+                )
+        elif id(node) not in sizes:
+            if id(node) in started:
+                raise ConfigTooLarge("holds an alias inside its own anchor (a value that contains itself)")
+            started.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys without a word: a second ``model:`` section would silently
-    replace the first. This loader refuses any mapping key given twice (merge keys ``<<`` excepted)."""
+    replace the first. This loader refuses any mapping key given twice (merge keys ``<<`` excepted), and
+    any document past ``MAX_CONFIG_VALUES`` once its aliases are expanded (counted before it is built)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_values(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -55,10 +116,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def load_yaml(text: str):
+    """YAML text as Python values, read safely (``_UniqueKeyLoader``) and bounded (``MAX_CONFIG_CHARS``,
+    ``MAX_CONFIG_VALUES``); ``yaml.YAMLError`` (``ConfigTooLarge`` for the bounds) on a bad text."""
+    if len(text) > MAX_CONFIG_CHARS:
+        raise ConfigTooLarge(f"is longer than {MAX_CONFIG_CHARS:,} characters")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+    except RecursionError:  # PyYAML composes and constructs recursively, one frame per level
+        raise ConfigTooLarge("nests values more deeply than Python's stack allows") from None
+
+
 def _read_yaml_mapping(path: Path) -> dict:
     """The YAML file's top-level mapping; JobError (one line, file and line) for anything else."""
     try:
-        text = path.read_text()
+        with path.open(encoding="utf-8") as f:
+            text = f.read(MAX_CONFIG_CHARS + 1)  # a larger file is refused without reading it all
     except FileNotFoundError:
         raise JobError(
             f"config file {path} does not exist. Try --config with a job YAML such as jobs/configs/demo.yaml."
@@ -66,7 +139,12 @@ def _read_yaml_mapping(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise JobError(f"config file {path} cannot be read ({e}). Try a readable UTF-8 YAML file.") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+        raw = load_yaml(text)
+    except ConfigTooLarge as e:
+        raise JobError(
+            f"{path}: the YAML {e}. Try writing the config out without aliases that repeat large parts, or a "
+            "smaller one."
+        ) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
@@ -163,7 +241,7 @@ class InputConfig(_Strict):
         description="Allow media paths that are http(s) URLs (still only under media_root or allowed_media_roots).",
     )
     limit: int | None = Field(
-        None, ge=1, description="Process only the first N rows (a quick run on a real cluster)."
+        None, ge=1, le=INT64_MAX, description="Process only the first N rows (a quick run on a real cluster)."
     )
 
     @model_validator(mode="after")
@@ -215,10 +293,13 @@ class OutputConfig(_Strict):
             "complete and audited (the old output stays readable until then), 'error' refuses to run."
         ),
     )
-    rows_per_file: int = Field(10_000, ge=1, description="Upper bound on rows in one Parquet part file.")
+    rows_per_file: int = Field(
+        10_000, ge=1, le=INT32_MAX, description="Upper bound on rows in one Parquet part file."
+    )
     commit_every_rows: int = Field(
         1_000,
         ge=1,
+        le=INT32_MAX,
         description=(
             "Commit a part file once this many output rows wait for one (a part never holds more; at most "
             "rows_per_file): a run that is killed loses at most this many rows, or commit_every_s seconds "
@@ -229,7 +310,7 @@ class OutputConfig(_Strict):
     commit_every_s: float = Field(
         60.0,
         ge=1.0,
-        le=86_400.0,
+        le=DAY_S,
         description=(
             "Commit the rows waiting for a part once the oldest of them has waited this many seconds, even "
             "if fewer than commit_every_rows: bounds what a kill loses when rows come slowly. Smaller: less "
@@ -326,13 +407,19 @@ class StorageConfig(_Strict):
         None,
         description="Region of the buckets (default: AWS_REGION or the SDK's config; us-east-1 with s3_endpoint).",
     )
-    connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to open a connection to the store.")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, le=DAY_S, description="Seconds to open a connection to the store."
+    )
     request_timeout_s: float = Field(
-        60.0, gt=0, description="Seconds a request may go without receiving a byte before it is retried."
+        60.0,
+        gt=0,
+        le=DAY_S,
+        description="Seconds a request may go without receiving a byte before it is retried.",
     )
     max_attempts: int = Field(
         5,
         ge=1,
+        le=100,
         description=(
             "Attempts per request on transient errors (throttling, 5xx, resets, timeouts), with the AWS "
             "SDK's exponential backoff, before the request fails."
@@ -372,11 +459,13 @@ class MediaConfig(_Strict):
     max_image_pixels: int = Field(
         80_000_000,
         ge=1,
+        le=MAX_BYTES,
         description="Reject images with more pixels than this before decoding (decompression bombs).",
     )
     max_image_bytes: int = Field(
         320_000_000,
         ge=1,
+        le=MAX_BYTES,
         description=(
             "Reject images whose decoded size, pixels x bytes per pixel (bands x bytes per sample: 8 for a "
             "16-bit RGBA PNG), is over this, checked before decoding (IMAGE_TOO_LARGE). Default: 80 MP at 4."
@@ -385,6 +474,7 @@ class MediaConfig(_Strict):
     max_media_bytes: int = Field(
         64 * 2**20,
         ge=1,
+        le=MAX_BYTES,
         description=(
             "Reject a media item (file, object or embedded bytes) larger than this (MEDIA_TOO_LARGE). Files "
             "are read with a bounded read, so a huge or endless one is never read whole."
@@ -393,6 +483,7 @@ class MediaConfig(_Strict):
     max_audio_samples: int = Field(
         1800 * 48_000 * 2,
         ge=1,
+        le=MAX_BYTES,
         description=(
             "Reject audio whose decoded size, frames x channels, is over this, checked from its header before "
             "decoding (AUDIO_TOO_LARGE). Default: 30 min of 48 kHz stereo (660 MiB as float32)."
@@ -401,6 +492,7 @@ class MediaConfig(_Strict):
     preprocess_timeout_s: float = Field(
         60.0,
         gt=0,
+        le=DAY_S,
         description=(
             "Time limit for preparing one row in the CPU stage; a row past it becomes a PREPROCESS_TIMEOUT "
             "error row and the rest of its batch goes on."
@@ -409,6 +501,7 @@ class MediaConfig(_Strict):
     remote_timeout_s: float = Field(
         30.0,
         gt=0,
+        le=DAY_S,
         description=(
             "Seconds one attempt to fetch a remote media item (s3://, http(s)://) may take, connecting and "
             "reading included; past it the attempt counts as a transient failure (MEDIA_FETCH_TIMEOUT at the end)."
@@ -417,6 +510,7 @@ class MediaConfig(_Strict):
     remote_attempts: int = Field(
         3,
         ge=1,
+        le=100,
         description=(
             "Attempts per remote media item on transient failures (throttling, 5xx, resets, timeouts), with "
             "exponential backoff; a missing, refused or too large item is not retried."
@@ -425,17 +519,19 @@ class MediaConfig(_Strict):
     remote_concurrency: int = Field(
         8,
         ge=1,
+        le=MAX_ACTORS,
         description=(
             "Remote media items one CPU actor fetches at once, ahead of the rows that need them, so a slow "
             "store does not leave the actor (and the GPUs after it) waiting on one item at a time."
         ),
     )
     max_audio_seconds: float = Field(
-        1800.0, gt=0, description="Reject audio clips longer than this (AUDIO_TOO_LONG)."
+        1800.0, gt=0, le=DAY_S, description="Reject audio clips longer than this (AUDIO_TOO_LONG)."
     )
     min_audio_seconds: float = Field(
         0.025,
         gt=0,
+        le=DAY_S,
         description="Reject audio shorter than this; 25 ms is one encoder window (AUDIO_TOO_SHORT).",
     )
     fast_jpeg_decode: bool = Field(
@@ -468,9 +564,12 @@ class MediaConfig(_Strict):
             "overlapping windows, transcribes each and stitches the texts in order into one output row."
         ),
     )
-    chunk_seconds: float = Field(30.0, ge=1, description="Window length in 'chunk' mode.")
+    chunk_seconds: float = Field(30.0, ge=1, le=DAY_S, description="Window length in 'chunk' mode.")
     chunk_overlap_seconds: float = Field(
-        1.0, ge=0, description="Overlap between consecutive windows, so no word is cut at a boundary."
+        1.0,
+        ge=0,
+        le=DAY_S,
+        description="Overlap between consecutive windows, so no word is cut at a boundary.",
     )
 
     @model_validator(mode="after")
@@ -504,6 +603,7 @@ class ModelConfig(_Strict):
     max_lora_rank: int | None = Field(
         None,
         ge=1,
+        le=max(PHI4MM.supported_lora_ranks),
         description="Override the LoRA rank bound; by default read from the adapters' adapter_config.json.",
     )
     adapters: AdaptersConfig = Field(
@@ -547,10 +647,12 @@ class EngineConfig(_Strict):
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Model dtype.")
     max_model_len: int = Field(
-        4096, ge=64, description="Context length: prompt tokens + max_tokens must fit."
+        4096, ge=64, le=INT32_MAX, description="Context length: prompt tokens + max_tokens must fit."
     )
-    max_num_seqs: int = Field(64, ge=1, description="Requests the engine batches at once.")
-    max_num_batched_tokens: int | None = Field(None, ge=64, description="Token budget of one engine step.")
+    max_num_seqs: int = Field(64, ge=1, le=65_536, description="Requests the engine batches at once.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=64, le=INT32_MAX, description="Token budget of one engine step."
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
     kv_cache_memory_gib: float | None = Field(
         None,
@@ -569,7 +671,7 @@ class EngineConfig(_Strict):
             "vLLM's default (on where the executor supports it)."
         ),
     )
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans.")
+    tensor_parallel_size: int = Field(1, ge=1, le=MAX_ACTORS, description="GPUs one engine spans.")
     dynamic_hd: int = Field(
         PHI4MM.default_dynamic_hd,
         ge=1,
@@ -588,7 +690,9 @@ class EngineConfig(_Strict):
     executor: Literal["uni", "mp", "ray"] = Field(
         "uni", description="vLLM executor; 'uni' keeps the engine in the actor's own process (fastest start)."
     )
-    seed: int = Field(0, description="Engine seed.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Engine seed (vLLM seeds NumPy with it: 0 to 2**32 - 1)."
+    )
     compile_cache_dir: str | None = Field(
         None,
         description=(
@@ -620,19 +724,25 @@ class SamplingConfig(_Strict):
     ignore_eos: bool = Field(False, description="Keep generating past the end token (benchmarks only).")
 
 
+PoolSize = Annotated[int, Field(le=MAX_ACTORS)]
+
+
 def pool_bounds(concurrency: int | tuple[int, int]) -> tuple[int, int]:
     """(min, max) actors of a pool given as N or (min, max)."""
     return concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
 
 
 class StageResources(_Strict):
-    concurrency: int | tuple[int, int] = Field(1, description="Actor pool size, or (min, max) to autoscale.")
-    batch_size: int = Field(16, ge=1, description="Rows per batch handed to one actor call.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    concurrency: PoolSize | tuple[PoolSize, PoolSize] = Field(
+        1, description="Actor pool size, or (min, max) to autoscale."
+    )
+    batch_size: int = Field(16, ge=1, le=INT32_MAX, description="Rows per batch handed to one actor call.")
+    num_cpus: float = Field(1.0, ge=0, le=MAX_ACTORS, description="CPUs reserved per actor.")
+    num_gpus: float = Field(0.0, ge=0, le=MAX_ACTORS, description="GPUs reserved per actor.")
     max_restarts: int = Field(
         8,
         ge=0,
+        le=INT32_MAX,
         description=(
             "Times Ray restarts one actor of this pool after it dies (its batches are retried). Past that the "
             "job stops; committed output stays and output.mode: resume carries on from it."
@@ -641,6 +751,7 @@ class StageResources(_Strict):
     concurrent_batches: int = Field(
         1,
         ge=1,
+        le=MAX_ACTORS,
         description=(
             "Batches one actor works on at once. On GPU actors they share the engine's continuous batching, "
             "so a slow batch never idles the engine while the next one waits."
@@ -660,6 +771,7 @@ class ResourcesConfig(_Strict):
     io_num_cpus: float = Field(
         1.0,
         gt=0,
+        le=MAX_ACTORS,
         description=(
             "CPUs per Parquet read task (lower it on small machines so actors leave room); the output's "
             "writer actor asks for none."
@@ -678,6 +790,7 @@ class ResourcesConfig(_Strict):
     segment_rows: int = Field(
         1_000_000,
         ge=1,
+        le=INT64_MAX,
         description=(
             "Input rows per Ray Data execution: the input's files are run in segments of whole files, each "
             "ending at the first file boundary past this many rows, one after another, into the same output. "
@@ -692,6 +805,7 @@ class ProgressConfig(_Strict):
     every_s: float = Field(
         60.0,
         ge=1.0,
+        le=DAY_S,
         description=(
             "Seconds between progress log lines (rows done of total, rows/s, ETA, error counts), written when "
             "stderr is not a terminal (ray job submit, cron); a terminal gets Ray Data's progress bars."

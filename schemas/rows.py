@@ -12,6 +12,7 @@ from enum import Enum
 import pyarrow as pa
 
 from schemas.multitask import CHOICE_PROB, PREPARED_TASK
+from schemas.redact import redact
 from schemas.sampling import RowSampling
 
 
@@ -56,9 +57,11 @@ class ErrorCode(str, Enum):
 
 
 class RowError(Exception):
-    """A row-level failure with a stable code. Raised by stage internals, turned into an error row."""
+    """A row-level failure with a stable code. Raised by stage internals, turned into an error row. Its
+    message is redacted (``schemas.redact``): a presigned URL's signature never reaches an output row."""
 
     def __init__(self, code: ErrorCode, message: str):
+        message = redact(message)
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message

@@ -24,7 +24,8 @@ def _one_or_many(value):
 
 
 MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
-Temperature = Annotated[float, Field(ge=0)]
+MAX_TEMPERATURE = 100.0  # far past where sampling is already uniform noise
+Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 StopStrings = Annotated[

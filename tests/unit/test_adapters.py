@@ -1,6 +1,9 @@
 """The job's own LoRA adapters: the checks of schemas/adapters.py and the resolver of
 actors/engines/adapters.py (local folders, the test S3 server, the per-node cache)."""
 
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
@@ -10,7 +13,7 @@ from schemas.errors import JobError
 from schemas.job import ModelConfig
 from schemas.model import PHI4MM
 from tests.helpers import ADAPTER_TARGETS as TARGETS
-from tests.helpers import write_adapter
+from tests.helpers import REPO, write_adapter
 
 
 def _refused(folder, *needles, max_bytes=10**6):
@@ -192,3 +195,15 @@ def test_a_job_mistake_is_reported_before_a_remote_adapter_is_downloaded(s3, tin
     with pytest.raises(JobError, match="input.path"):
         validate_job(config)
     assert not cache.exists() or not any(cache.iterdir())  # nothing was copied
+
+
+def test_a_regex_that_backtracks_is_refused_in_bounded_time():
+    # (.*.*.*)*X hung validation; (.*.*.*)*qkv_proj matches a projection at once but backtracks on every
+    # other module name, where PEFT's load would hang. Run in a child so that a hang fails, not blocks.
+    code = (
+        "import schemas.adapters as a; a.REGEX_TIME_LIMIT_S = 1.0; "
+        "print(a.target_problem('(.*.*.*)*X')); print(a.target_problem('(.*.*.*)*qkv_proj'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all("takes more than 1 s to match" in line for line in lines), done

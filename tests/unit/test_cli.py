@@ -58,6 +58,10 @@ def test_set_overrides_any_key_with_yaml_values_after_the_options(job, tmp_path,
         ("no_equals_sign", ["--set", "KEY=VALUE", "--help"]),
         ("engine..x=1", ["--set", "KEY=VALUE"]),
         ("x=[unclosed", ["--set", "not YAML"]),
+        ("media.preprocess_timeout_s=.inf", ["media.preprocess_timeout_s", "finite number"]),
+        ("media.preprocess_timeout_s=.nan", ["media.preprocess_timeout_s", "finite number"]),
+        ("media.preprocess_timeout_s=1e300", ["media.preprocess_timeout_s", "less than or equal to 86400"]),
+        ("media.max_media_bytes=1000000000000000000000", ["media.max_media_bytes", "less than or equal"]),
     ],
 )
 def test_a_bad_set_is_one_line_naming_it(job, capsys, setting, needles):

@@ -372,3 +372,49 @@ def test_the_cli_prints_one_line_and_nothing_else(job):
 )
 def test_a_bad_tasks_section_is_one_line(job, capsys, sections, needles):
     _fails(job, capsys, ["--config", job.config(**sections)], *needles)
+
+
+def test_a_job_error_shows_urls_without_their_secrets(job, capsys):
+    url = "https://user:PASSWORD@host.example/in/?sv=2022-11-02&sig=SASSECRET&X-Amz-Signature=AMZSECRET"
+    line = _fails(
+        job, capsys, ["--config", job.config(), "--input", url], "input.path https://***@host.example"
+    )
+    assert "SECRET" not in line and "PASSWORD" not in line and "sv=2022-11-02" in line
+
+
+def _alias_bomb(levels: int = 8) -> str:
+    """A JSON schema in YAML flow style, ``allOf`` ten aliases of ten aliases ... of ``{type: string}``:
+    10**levels subschemas from ~500 bytes."""
+    items = ["&s0 {type: string}"]
+    items += [f"&s{n} {{allOf: [" + ", ".join([f"*s{n - 1}"] * 10) + "]}" for n in range(1, levels + 1)]
+    return "{allOf: [" + ", ".join(items) + "]}"
+
+
+@pytest.mark.parametrize("where", ["file", "--set"])
+def test_an_alias_bomb_is_refused_at_once(job, where):
+    # 10**8 subschemas hung validation (the schema's checks walk them); a child process bounds the test
+    cfg = job.config()
+    args = ["--set", f"structured.json_schema={_alias_bomb()}"]
+    if where == "file":
+        args = []
+        with open(cfg, "a") as f:
+            f.write(f"structured: {{json_schema: {_alias_bomb()}}}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.run", "--config", cfg, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "more than 100,000 values" in proc.stderr and "Try" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("a: &a [1, *a]\n", "contains itself"),
+        ("model: " + "[" * 20_000 + "]" * 20_000 + "\n", "nests values more deeply"),
+        ("model: {path: " + "x" * 1_000_001 + "}\n", "longer than 1,000,000 characters"),
+    ],
+    ids=["recursive-alias", "deep-nesting", "too-long"],
+)
+def test_a_config_past_the_yaml_bounds_is_one_line(job, capsys, text, needle):
+    _fails(job, capsys, ["--config", job.config(text)], "job.yaml: the YAML", needle)

@@ -144,6 +144,8 @@ def test_provenance_hashes_the_config_and_checkpoint_and_names_versions(tiny_mod
     assert after["adapters_sha256"]["speech"] != before["adapters_sha256"]["speech"]
     assert after["adapters_sha256"]["vision"] == before["adapters_sha256"]["vision"]
     assert checkpoint_hashes("s3://bucket/model")["config_sha256"] is None
+    signed = checkpoint_hashes("https://user:PASSWORD@host/model?X-Amz-Signature=SECRET")["path"]
+    assert signed == "https://***@host/model?X-Amz-Signature=***"  # the manifest shows no secret
     record = provenance(config, {"h:1": {"host": "gpu-node-1", "device": "NVIDIA H200"}})
     assert record["devices"] == ["NVIDIA H200"] and record["hosts"] == ["gpu-node-1"]
     assert record["checkpoint"]["path"] == tiny_model and json.dumps(record)

@@ -2,13 +2,16 @@
 row with its own stable code, the rest of the batch goes on; retries, caps, redirects, pooled and
 concurrent fetches, against a local HTTP server of bad hosts and the S3 test server."""
 
+import logging
 import time
+from urllib.parse import urlencode
 
 import pyarrow as pa
 import pytest
 
 from actors.media_policy import MediaSource, read_media_path
 from actors.preprocess import PreprocessRows
+from schemas.redact import redact
 from schemas.rows import ErrorCode, RowError
 from tests.helpers import MEDIA, make_config
 from tests.media_http_server import MediaHTTPServer
@@ -151,3 +154,76 @@ def test_a_batch_with_bad_remote_media_goes_on(tiny_model, tmp_path, web, s3):
         "huge": "MEDIA_TOO_LARGE", "elsewhere": "MEDIA_PATH_REFUSED", "s3-missing": "MEDIA_NOT_FOUND",
     }  # fmt: skip
     assert out["s3"]["images"][0]["uuid"] == out["http"]["images"][0]["uuid"]  # the same bytes
+
+
+# --- what of a URL is shown: error rows, messages and logs hold no secret (schemas/redact.py) ------------
+
+# The issue's strings: a presigned S3 URL, an Azure SAS (sig is its secret), a signed GCS URL, a token.
+SIGNED = "X-Amz-Signature=AMZSECRET&sig=SASSECRET&token=TOKSECRET&X-Goog-Signature=GOOGSECRET"
+READABLE = "se=2024-01-01T00:00:00Z&sp=r&v=1"  # expiry, permissions, a version: kept as they are
+
+
+def _message(path, source):
+    with pytest.raises(RowError) as e:
+        read_media_path(path, source, "image")
+    return e.value.message
+
+
+def _assert_redacted(text: str):
+    assert "SECRET" not in text and "PASSWORD" not in text, text
+    assert "***" in text, text
+
+
+def test_no_secret_of_a_url_reaches_an_error_row(web):
+    source = _source(web)
+    refused = _message(f"https://user:PASSWORD@elsewhere.example/a.png?{SIGNED}&{READABLE}", source)
+    _assert_redacted(refused)
+    assert READABLE in refused and "elsewhere.example/a.png" in refused  # still says which URL
+    _assert_redacted(_message(f"ftp://h/a.png?{SIGNED}", source))  # a refused protocol
+    target = web.url(f"/cat.jpg?{SIGNED}", host="localhost")  # a redirect outside the allowed hosts
+    redirected = _message(web.url("/redirect?" + urlencode({"to": target})), source)
+    _assert_redacted(redirected)
+    assert "(redirected to http://localhost" in redirected
+    _assert_redacted(_message(web.url(f"/missing?{SIGNED}&{READABLE}"), source))  # a fetch failure
+    _assert_redacted(_message(web.url(f"/slow?{SIGNED}"), _source(web, remote_attempts=1)))
+
+
+def test_redaction_hides_credentials_and_keeps_the_rest_readable():
+    assert redact(f"https://a.blob.core.windows.net/c/x.png?sv=2022-11-02&{READABLE}&sig=SASSECRET%3D") == (
+        f"https://a.blob.core.windows.net/c/x.png?sv=2022-11-02&{READABLE}&sig=***"
+    )
+    shown = redact(
+        "gs://b/x?X-Goog-Credential=svc%40p%2F20240101&X-Goog-Date=20240101T000000Z&X-Goog-SignedHeaders=host"
+        "&X-Amz-Security-Token=T&AWSAccessKeyId=AKIA&access_token=T&api_key=K&apikey=K&password=P&secret=S"
+        "&s=0123456789abcdef0123456789abcdef&monkey=1#id_token=T"
+    )
+    assert shown == (
+        "gs://b/x?X-Goog-Credential=***&X-Goog-Date=20240101T000000Z&X-Goog-SignedHeaders=host"
+        "&X-Amz-Security-Token=***&AWSAccessKeyId=***&access_token=***&api_key=***&apikey=***&password=***"
+        "&secret=***&s=***&monkey=1#id_token=***"  # a long opaque value of an unknown name is hidden too
+    )
+    assert redact("s3://AKIA:p@ss@bucket/key=2024/x.parquet") == "s3://***@bucket/key=2024/x.parquet"
+    assert redact("https://h/x?next=%3Fsig%3DSECRET") == "https://h/x?next=***"  # a URL in a URL
+    assert redact(redact(f"https://h/x?{SIGNED}")) == redact(f"https://h/x?{SIGNED}")
+    long_path = "a" * 1_000_000 + "://" + "b" * 1_000_000
+    started = time.monotonic()
+    assert redact(long_path + "?" + "c" * 1_000_000) == long_path + "?" + "c" * 1_000_000
+    assert time.monotonic() - started < 5  # a hostile row's path is scanned once, not quadratically
+
+
+def test_log_lines_of_the_job_are_redacted(capsys):
+    from jobs.run import main
+
+    handler = logging.StreamHandler()
+    logging.getLogger().addHandler(handler)
+    try:
+        main(["--help"])  # puts the filter on this process's log handlers
+        try:
+            raise OSError(f"could not read https://h/x?{SIGNED}")
+        except OSError:
+            logging.getLogger("phi4mm_batch.test").exception("fetching https://u:PASSWORD@h/y?%s", SIGNED)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "fetching https://***@h/y?" in err and "could not read" in err
+    _assert_redacted(err)

@@ -1,10 +1,13 @@
+import math
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from pydantic import ValidationError
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from jobs.make_sample_data import write_sample_dataset
 from schemas.job import JobConfig
@@ -144,3 +147,70 @@ def test_stages_take_scheduling_from_the_config(tmp_path):
     )
     assert gen.env == {"A": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process engine with 'uni'
     assert pre.resources.max_restarts == 8 and pre.resources.num_gpus == 0
+
+
+# --- every number in a config is finite and bounded --------------------------------------------------
+
+
+def _leaves(annotation):
+    """The plain types inside an annotation (unions, lists, dicts, tuples, Annotated unwrapped)."""
+    args = typing.get_args(annotation)
+    if not args:
+        yield annotation
+    for arg in args if typing.get_origin(annotation) is not typing.Annotated else args[:1]:
+        yield from _leaves(arg)
+
+
+def _numeric_fields(model=JobConfig, prefix="", seen=None):
+    """(model, field name, dotted key, whether a (min, max) tuple) for every int or float field reachable
+    from ``model``: a field added later is swept too."""
+    seen = set() if seen is None else seen
+    if model in seen:
+        return
+    seen.add(model)
+    for name, field in model.model_fields.items():
+        leaves = list(_leaves(field.annotation))
+        for leaf in leaves:
+            if isinstance(leaf, type) and issubclass(leaf, BaseModel):
+                yield from _numeric_fields(leaf, f"{prefix}{name}.", seen)
+        if any(leaf in (int, float) for leaf in leaves):
+            pair = any(typing.get_origin(a) is tuple for a in typing.get_args(field.annotation))
+            yield model, name, f"{prefix}{name}", pair
+
+
+NUMERIC_FIELDS = list(_numeric_fields())
+
+
+def test_the_sweep_finds_every_section():
+    keys = {key for _, _, key, _ in NUMERIC_FIELDS}
+    assert {"media.preprocess_timeout_s", "engine.seed", "resources.preprocess.concurrency",
+            "tasks.n", "repetition.min_count", "model.adapters.max_bytes", "storage.max_attempts"} <= keys  # fmt: skip
+    assert len(keys) > 40
+
+
+@pytest.mark.parametrize("model, name, key, pair", NUMERIC_FIELDS, ids=[k for _, _, k, _ in NUMERIC_FIELDS])
+@pytest.mark.parametrize(
+    "bad",
+    [math.inf, -math.inf, math.nan, 1e300, 10**300, -(10**300)],
+    ids=["inf", "-inf", "nan", "1e300", "10**300", "-10**300"],
+)
+def test_every_numeric_setting_is_finite_and_bounded(model, name, key, pair, bad):
+    for value in (bad, (1, bad)) if pair else (bad,):
+        with pytest.raises(ValidationError) as e:
+            model.model_validate({name: value})
+        refused = [  # at the field, or by the model's own check naming it
+            err
+            for err in e.value.errors()
+            if (err["loc"][:1] == (name,) and err["type"] != "missing")
+            or (not err["loc"] and name in err["msg"])
+        ]
+        assert refused, f"{key}={value!r} is accepted"
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e300", "inf"])
+def test_a_non_finite_time_limit_is_refused_in_yaml(tmp_path, value):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(BASE) + f"media: {{preprocess_timeout_s: {value}}}\n")
+    with pytest.raises(ValidationError) as e:
+        JobConfig.from_yaml(path)
+    assert [err["loc"] for err in e.value.errors()] == [("media", "preprocess_timeout_s")]
