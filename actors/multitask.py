@@ -40,7 +40,7 @@ def task_requests(row: dict, config, alone: bool) -> list[tuple[str, EngineReque
             continue
         spec = tasks[entry["name"]]
         overrides = {name: row[name] for name in RowSampling.model_fields}
-        overrides["max_tokens"] = overrides["max_tokens"] or spec.max_tokens
+        overrides["max_tokens"] = config.max_tokens(overrides["max_tokens"], entry["name"])
         seed = config.sampling.seed if overrides["seed"] is None else overrides["seed"]
         for k in range(spec.n):
             sampling = RowSampling.model_construct(
@@ -66,7 +66,7 @@ def completion_budget(row: dict, config) -> int:
     for entry in row["tasks"] or []:
         if entry["prompt"] is not None:
             spec = config.tasks[entry["name"]]
-            total += (row["max_tokens"] or spec.max_tokens or config.sampling.max_tokens) * spec.n
+            total += config.max_tokens(row["max_tokens"], entry["name"]) * spec.n
     return total
 
 

@@ -244,7 +244,7 @@ class PreprocessRows:
         )  # with tasks, the longest prompt decides whether images are downscaled to fit
         self._read_sampling(row, out)
         out["structured"] = self._read_structured(row)
-        budget = engine.max_model_len - (out["max_tokens"] or self._max_tokens())
+        budget = engine.max_model_len - self.config.max_tokens(out["max_tokens"])
         clips = [a.samples for a in audios]
         chunked = media_cfg.long_audio == "chunk" and not images and len(audios) == 1
         if chunked:
@@ -312,11 +312,6 @@ class PreprocessRows:
             out.append(letterbox(image, size))
         return out, "; ".join(notes) or None
 
-    def _max_tokens(self) -> int:
-        """The job's completion budget; with tasks, the largest task's (it decides downscaling)."""
-        job = self.config.sampling.max_tokens
-        return max((t.max_tokens or job for t in (self.config.tasks or {}).values()), default=job)
-
     def _try_task(self, task, row: dict, image_items: list, audio_items: list) -> str | RowError:
         """One task's instruction for the row, or the error that keeps the task from running on it."""
         try:
@@ -331,7 +326,7 @@ class PreprocessRows:
         if prompt is None:
             return task_entry(name, error=instruction)
         count = known[prompt] if prompt in known else self._count(prompt, _sizes(images), clips)
-        max_tokens = row_max_tokens or self.config.tasks[name].max_tokens or self.config.sampling.max_tokens
+        max_tokens = self.config.max_tokens(row_max_tokens, name)
         if count + max_tokens > self.config.engine.max_model_len:
             return task_entry(name, error=RowError(
                 ErrorCode.PROMPT_TOO_LONG,

@@ -127,7 +127,7 @@ def dry_run(
         if config.tasks:  # each runnable task's budget, once per sample
             completion += completion_budget(row, config)
         else:
-            completion += (row["max_tokens"] or config.sampling.max_tokens) * (row["audio_chunks"] or 1)
+            completion += config.max_tokens(row["max_tokens"]) * (row["audio_chunks"] or 1)
     rate, source = (tokens_per_s, "--tokens-per-s") if tokens_per_s else (default_rate() or (None, None))
     total = sum(tokens_by.values()) + completion
     engines = pool_bounds(config.resources.generate.concurrency)[1]

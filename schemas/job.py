@@ -953,6 +953,17 @@ class JobConfig(_Strict):
             node[leaf] = value
         return cls.model_validate(raw)
 
+    def max_tokens(self, row_max_tokens: int | None = None, task: str | None = None) -> int:
+        """A request's completion budget, the one rule for it: the row's own max_tokens, else the task's
+        (``tasks.<task>.max_tokens``), else the job's ``sampling.max_tokens``. With tasks and no ``task``
+        named: the largest budget any task of the row may have (what decides whether its prompts fit)."""
+        if row_max_tokens:
+            return row_max_tokens
+        job = self.sampling.max_tokens
+        if task is not None:
+            return self.tasks[task].max_tokens or job
+        return max((t.max_tokens or job for t in (self.tasks or {}).values()), default=job)
+
     @property
     def model_name(self) -> str:
         return self.model.name or self.model.path

@@ -214,3 +214,14 @@ def test_a_non_finite_time_limit_is_refused_in_yaml(tmp_path, value):
     with pytest.raises(ValidationError) as e:
         JobConfig.from_yaml(path)
     assert [err["loc"] for err in e.value.errors()] == [("media", "preprocess_timeout_s")]
+
+
+def test_a_requests_completion_budget_is_the_rows_then_the_tasks_then_the_jobs():
+    tasks = {"short": {"preset": "caption", "max_tokens": 16},
+             "free": {"preset": "caption"}}  # fmt: skip
+    config = JobConfig.model_validate({**BASE, "sampling": {"max_tokens": 64}, "tasks": tasks})
+    assert config.max_tokens(8, "short") == 8  # the row's own wins
+    assert config.max_tokens(None, "short") == 16 and config.max_tokens(None, "free") == 64
+    assert config.max_tokens() == 64  # no task named: the largest any task may have
+    plain = JobConfig.model_validate({**BASE, "sampling": {"max_tokens": 32}})
+    assert plain.max_tokens() == 32 and plain.max_tokens(5) == 5
