@@ -346,5 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if summary["audit"]["ok"] else EXIT_AUDIT_FAILED
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``phi4mm-batch`` command (pyproject's console script): ``main`` with its exit status."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -229,3 +229,17 @@ def test_dry_run_counts_the_rows_retry_errors_runs_again(job, capsys):
     report = json.loads(capsys.readouterr().out.split("DRY_RUN_JSON ", 1)[1])
     assert report["rows"] == 1 and report["error_codes"] == {"MISSING_INPUT": 1}
     assert report["rows_skipped_already_done"] == len(sample_rows()) - 1
+
+
+def test_the_phi4mm_batch_command_is_jobs_run_with_its_exit_status(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = Path(sys.executable).parent / "phi4mm-batch"  # installed with the project (pyproject's scripts)
+    done = subprocess.run(
+        [str(command), "--config", str(tmp_path / "no-such.yaml")], capture_output=True, text=True
+    )
+    assert done.returncode == 2  # a job mistake, as `python -m jobs.run` says it
+    (line,) = done.stderr.strip().splitlines()
+    assert "no-such.yaml" in line and "Try " in line
