@@ -1,16 +1,16 @@
-"""`python -m jobs.run` as users run it: locally (as `make demo` does) and through `ray job submit`
-against a running cluster. Both run vLLM's unmodified, full-size SigLIP tower (no init_hook), so an
-image costs seconds here: the inputs stay few."""
+"""`python -m jobs.run` as users run it: locally (as `make demo` does) and submitted to a running Ray
+head with token authentication on, by the README's recipe (`python -m jobs.submit`). Both run vLLM's
+unmodified, full-size SigLIP tower (no init_hook), so an image costs seconds here: the inputs stay few."""
 
 import contextlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
@@ -57,7 +57,7 @@ def _stop_cluster(temp_dir: str, gcs_port: int) -> None:
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     # `python` in a job's entrypoint must be this environment's, as it is on a cluster built from it
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.update(PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", **extra)
@@ -89,25 +89,26 @@ def test_local_run_of_the_demo_config(tiny_model, sample, tmp_path):
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "Try output.mode" in again.stderr
 
 
-def _wait_for_job_server(ray: str, url: str, env: dict, timeout_s: float = 300) -> None:
+def _readme_recipe() -> list[list[str]]:
+    """The commands of the README's "On a cluster" block, one argv each (comments dropped, continued
+    lines joined)."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("```bash\n", text.index("On a cluster (see `ray_cluster.yaml`)")) + 8 :]
+    block = block[: block.index("```")].replace("\\\n", " ")
+    commands = [shlex.split(line, comments=True) for line in block.splitlines()]
+    return [argv for argv in commands if argv]
+
+
+def _wait_for_job_server(submit: list[str], env: dict, timeout_s: float = 300) -> None:
     """`ray start` returns before the dashboard and the head node's job agent are up: a submit right away
     failed once on a loaded 2-core machine with "No available agent to submit job". Wait, with a deadline,
-    until the dashboard answers and then until a no-op job runs through the whole job path."""
+    until a no-op job runs through the whole job path."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=5) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"the dashboard at {url} did not answer within {timeout_s} s"
-        time.sleep(0.5)
     last = ""
     while time.monotonic() < deadline:
-        probe = [ray, "job", "submit", f"--address={url}", "--", "python", "-c", "pass"]
         try:
-            done = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120)
+            done = subprocess.run(submit + ["python", "-c", "pass"], cwd=REPO, env=env, capture_output=True,
+                                  text=True, timeout=120)  # fmt: skip
         except subprocess.TimeoutExpired as e:
             last = f"timed out: {e}"
             continue
@@ -115,32 +116,68 @@ def _wait_for_job_server(ray: str, url: str, env: dict, timeout_s: float = 300) 
             return
         last = done.stdout[-1500:] + done.stderr[-1500:]
         time.sleep(2)
-    raise AssertionError(f"the job server at {url} ran no job within {timeout_s} s: {last}")
+    raise AssertionError(f"the job server ran no job within {timeout_s} s: {last}")
 
 
-def test_ray_job_submit_against_a_running_cluster(tiny_model, sample, tmp_path):
+@pytest.fixture
+def recipe_head(tmp_path):
+    """A local head started by the README's recipe, in a fresh HOME (a new user's): this environment's
+    `ray` (as after `source .venv/bin/activate`), `ray get-auth-token --generate`, then `ray start --head`
+    with Ray 2.60's default authentication (no RAY_AUTH_MODE), plus this test's ports and temp dir.
+    Yields the `python -m jobs.submit --address URL --` prefix and the submitter's environment (the same
+    HOME, so the same ~/.ray/auth_token). Always stopped."""
+    activate, get_token, start, submit = _readme_recipe()
+    assert activate == ["source", ".venv/bin/activate"]
+    assert get_token == ["ray", "get-auth-token", "--generate"] and start[:3] == ["ray", "start", "--head"]
+    assert submit[:6] == ["python", "-m", "jobs.submit", "--address", "http://HEAD:8265", "--"]
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _env(HOME=str(home))
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray, *get_token[1:]], env=env, check=True, capture_output=True, timeout=120)
     port, dash = _free_port(), _free_port()
-    env = _env(RAY_AUTH_MODE="disabled")  # a loopback-only test cluster
     short_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    start = [ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-             "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={short_tmp}"]  # fmt: skip
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=300)
+    ours = [f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+            "--disable-usage-stats", f"--temp-dir={short_tmp}"]  # fmt: skip
     try:
-        _wait_for_job_server(ray, f"http://127.0.0.1:{dash}", env)
-        out = tmp_path / "out"
-        submit = [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-                  "python", "-m", "jobs.run", "--config", DEMO, "--input", str(sample), "--output", str(out),
-                  "--model", tiny_model, "--limit", "4", "--set", "progress.every_s=1"]  # fmt: skip
-        proc = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        summary = _summary(proc.stdout)
-        assert summary["rows_written"] == 4 and summary["audit"]["ok"]
-        assert pq.read_table(out).num_rows == 4
-        # no terminal under `ray job submit`: progress comes as log lines (every second, by the --set)
-        progress = [line for line in (proc.stdout + proc.stderr).splitlines() if "progress: " in line]
-        assert progress and "/4 rows" in progress[-1], proc.stdout[-3000:]
-        assert (out / f"_run-{summary['run_id']}.png").is_file()
-        assert summary["provenance"]["devices"] == ["cpu"]
+        given = [a for a in start[1:] if not a.startswith("--dashboard-host")]  # this test's: loopback only
+        subprocess.run([ray, *given, *ours], env=env, check=True, capture_output=True, timeout=300)
+        prefix = [sys.executable, "-m", "jobs.submit", "--address", f"http://127.0.0.1:{dash}", "--"]
+        _wait_for_job_server(prefix, env)
+        yield prefix, env
     finally:
         _stop_cluster(short_tmp, port)
+
+
+def test_the_readme_recipe_submits_to_a_head_with_token_auth(recipe_head, tiny_model, sample, tmp_path):
+    submit, env = recipe_head
+    address = submit[4]
+    # the head has token authentication on: `ray job submit` without RAY_AUTH_MODE=token sends no token
+    plain = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", f"--address={address}",
+             "--", "python", "-c", "pass"]  # fmt: skip
+    refused = subprocess.run(plain, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "no authentication token was found" in refused.stdout + refused.stderr
+    # jobs.submit without the token: exit 2, one line saying where to put it
+    no_token = subprocess.run(submit + ["python", "-c", "pass"], cwd=REPO, env={**env, "HOME": str(tmp_path)},
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert no_token.returncode == 2, no_token.stdout[-3000:] + no_token.stderr[-3000:]
+    assert no_token.stderr.count("\n") == 1 and "~/.ray/auth_token" in no_token.stderr
+    # a job mistake in the entrypoint (exit 2 there) is exit 2 here, its one line in the printed log
+    out = tmp_path / "out"
+    job = ["python", "-m", "jobs.run", "--config", DEMO, "--input", str(sample), "--output", str(out)]
+    bad = subprocess.run(submit + job + ["--model", str(tmp_path / "no-model")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2, bad.stdout[-3000:] + bad.stderr[-3000:]
+    assert "phi4mm-batch: error: model.path" in bad.stdout and not out.exists()
+    # a run: exit 0, the job's log (progress lines, the summary) printed as `ray job submit` prints it
+    args = ["--model", tiny_model, "--limit", "4", "--set", "progress.every_s=1"]
+    proc = subprocess.run(submit + job + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = _summary(proc.stdout)
+    assert summary["rows_written"] == 4 and summary["audit"]["ok"]
+    assert pq.read_table(out).num_rows == 4
+    # no terminal under the job server: progress comes as log lines (every second, by the --set)
+    progress = [line for line in (proc.stdout + proc.stderr).splitlines() if "progress: " in line]
+    assert progress and "/4 rows" in progress[-1], proc.stdout[-3000:]
+    assert (out / f"_run-{summary['run_id']}.png").is_file()
+    assert summary["provenance"]["devices"] == ["cpu"]
