@@ -190,6 +190,12 @@ def format_summary(summary: dict) -> str:
             f"  engine {actor:<20} start {engine['startup_s']} s, {engine['requests']} requests, "
             f"busy {engine['busy_s']} s, up to {engine['max_in_flight']} in flight"
         )
+    deaths = summary.get("engine_deaths", {})
+    if any(deaths.values()):
+        lines.append(
+            f"  engine deaths    {deaths['cluster']} the cluster's (out of memory, node lost or preempted: not "
+            f"held against the rows in them), {deaths['suspect']} suspect (held against the rows in them)"
+        )
     cpu = summary.get("cpu_actors", {})
     if cpu:
         rows = sorted(s["rows"] for s in cpu.values())

@@ -265,6 +265,7 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         )  # fmt: skip
         monitor.stop()  # its last sample: the final counts
         actors = ledger.actor_stats()
+        deaths = ledger.engine_deaths()
     finally:
         monitor.stop()
         ledger.close()
@@ -299,6 +300,7 @@ def _run_locked(config: JobConfig, run_id: str, plan: JobPlan, started: float) -
         "rows_per_s": round(stats.rows / wall_s, 3) if wall_s else None,
         "parts": parts_summary(stats.files),
         "engines": actors.get("generate", {}),
+        "engine_deaths": deaths,
         "cpu_actors": actors.get("preprocess", {}),
         "audit": {**check.__dict__, "ok": check.ok},
         "input_files": input_files_record(plan.input_ids, files),
