@@ -172,7 +172,9 @@ class GenerateRows:
                     error_code=ErrorCode.ENGINE_CRASH_QUARANTINED.value,
                     error_message=(
                         f"the engine died {tries} times while this row was in it, the last time with no other "
-                        "row beside it: it is set aside so the job can finish. Check its media and prompt."
+                        "row beside it (deaths Ray reports as the cluster's, such as out-of-memory kills or a "
+                        "lost node, are not counted): it is set aside so the job can finish. Check its media "
+                        "and prompt."
                     ),
                 )
             else:

@@ -223,6 +223,12 @@ def format_summary(summary: dict) -> str:
         )
         if work := engine.get("work"):
             lines.append(f"    work {work_line(work)}")
+    deaths = summary.get("engine_deaths", {})
+    if any(deaths.values()):
+        lines.append(
+            f"  engine deaths    {deaths['cluster']} the cluster's (out of memory, node lost or preempted: not "
+            f"held against the rows in them), {deaths['suspect']} suspect (held against the rows in them)"
+        )
     cpu = summary.get("cpu_actors", {})
     if cpu:
         rows = sorted(s["rows"] for s in cpu.values())

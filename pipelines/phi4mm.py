@@ -285,7 +285,7 @@ def _run_locked(
     if work.idle:
         logger.info("nothing to do: every row of this run is in %s; no Ray, no engine", out.path)
         check = audit(plan.input_ids, out.path, plan.run_ids)
-        return _finish(config, run_id, plan, work, WriteStats(), check, True, started, {}, None)
+        return _finish(config, run_id, plan, work, WriteStats(), check, True, started, {}, None, {})
     from pipelines.placement import check_placement
 
     check_placement(config)  # a stage no node can host would wait forever: exit 2 before anything is read
@@ -334,6 +334,7 @@ def _run_locked(
         )  # fmt: skip
         monitor.stop()  # its last sample: the final counts
         actors = ledger.actor_stats()
+        deaths = ledger.engine_deaths()
     finally:
         monitor.stop()
         ledger.close()
@@ -355,7 +356,7 @@ def _run_locked(
     committed = check.ok or not into
     if not committed:
         logger.error("%s not committed: its audit failed; the old output is unchanged", out.path)
-    return _finish(config, run_id, plan, work, stats, check, committed, started, actors, monitor)
+    return _finish(config, run_id, plan, work, stats, check, committed, started, actors, monitor, deaths)
 
 
 def _finish(
@@ -369,6 +370,7 @@ def _finish(
     started: float,
     actors: dict,
     monitor: ProgressMonitor | None,
+    deaths: dict[str, int],
 ) -> dict[str, Any]:
     """The run's summary, written beside the output with its rate plot (``monitor``'s samples; none for
     a run with nothing to do); returned."""
@@ -396,6 +398,7 @@ def _finish(
         "parts": parts_summary(stats.files),
         # an actor whose engine never came up reported only when it began starting: not an engine
         "engines": {k: v for k, v in actors.get("generate", {}).items() if "starting_since" not in v},
+        "engine_deaths": deaths,
         "cpu_actors": actors.get("preprocess", {}),
         "audit": {**check.__dict__, "ok": check.ok},
         "input_files": input_files_record(plan.input_ids, work.files),

@@ -55,3 +55,13 @@ def apply(ds, stages: list[StageSpec]):
             max_restarts=res.max_restarts,
         )
     return ds
+
+
+def on_driver_node():
+    """Ray's scheduling strategy that keeps an actor on the driver's node: the run's own actors (the attempt
+    ledger, the writers) ask for no CPU, so Ray may put them on any node, and a GPU node the cluster loses
+    would take them with it. The driver's node is the one whose loss ends the job anyway."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 import pyarrow as pa
 
 from pipelines.io import WriteStats, write_part_files
+from pipelines.spec import on_driver_node
 from pipelines.storage import use
 from schemas.job import OutputConfig, StorageConfig
 from schemas.output import OutputShape
@@ -197,7 +198,9 @@ def write_stream(
     writer, never rows."""
     import ray
 
-    actor = ray.remote(WriterActor).options(num_cpus=0, max_restarts=0, max_task_retries=0)
+    actor = ray.remote(WriterActor).options(
+        num_cpus=0, max_restarts=0, max_task_retries=0, scheduling_strategy=on_driver_node()
+    )
     writers = [
         actor.remote(output.path, run_id, i, *part_policy(output),
                      into=into, lock_run_id=lock_run_id, storage=storage, shape=shape)

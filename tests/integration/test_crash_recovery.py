@@ -62,6 +62,9 @@ def test_a_gpu_actor_killed_mid_run_loses_and_duplicates_nothing(local_ray, tiny
     ids = pq.read_table(config.output.path).column("id").to_pylist()
     assert sorted(ids) == [r["id"] for r in rows]  # each exactly once
     assert summary["audit"]["ok"] and summary["status"] == {"ok": 64}
+    assert (
+        summary["engine_deaths"]["cluster"] == 0
+    )  # a SIGKILL nobody owns up to: suspect, if rows were in it
     # parts of 4 rows (rows_per_file): the batches the killed actor's replacement redid add none
     assert summary["parts"]["count"] == 16
     # both the killed actor and its replacement served batches: the kill landed mid-run
@@ -79,3 +82,5 @@ def test_a_row_that_kills_the_engine_twice_is_quarantined(local_ray, tiny_model,
     assert out["r3"]["status"] == "error" and out["r3"]["error_code"] == "ENGINE_CRASH_QUARANTINED"
     assert all(out[k]["status"] == "ok" for k in out if k != "r3")
     assert summary["audit"]["ok"] and summary["error_codes"] == {"ENGINE_CRASH_QUARANTINED": 1}
+    # the process exited by itself (os._exit): Ray owns neither death, both count against r3
+    assert summary["engine_deaths"] == {"cluster": 0, "suspect": 2}

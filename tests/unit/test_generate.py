@@ -151,13 +151,15 @@ def test_chunked_rows_become_one_stitched_output_row(tiny_model, tmp_path):
 class CrashLedger:
     """A ledger that remembers earlier crashes, as the run's ledger actor would after actor restarts."""
 
-    def __init__(self, attempts):
+    def __init__(self, attempts, deaths=None):
+        """``attempts``: per row, its unfinished attempts (a count) or their holders (a list); ``deaths``:
+        whose each dead holder's death was."""
         from actors.attempts import LocalAttemptLedger
 
-        self.inner = LocalAttemptLedger()
-        for row_id, n in attempts.items():
-            for _ in range(n):
-                self.inner.start([row_id])
+        self.inner = LocalAttemptLedger((deaths or {}).get)
+        for row_id, held in attempts.items():
+            for holder in held if isinstance(held, list) else [None] * held:
+                self.inner.start([row_id], holder)
         self.started = []
 
     def attempts(self, ids):
@@ -189,6 +191,25 @@ def test_suspects_run_alone_and_repeat_offenders_are_quarantined(tiny_model, tmp
     assert [len(c) for c in calls] == [1, 2] and calls[0][0].alone and not calls[1][0].alone
     assert ledger.inner.attempts(["a", "once", "twice", "b"]) == [0, 0, 2, 0]
     assert ledger.stats == {"requests": 3}
+
+
+def test_deaths_the_cluster_owns_are_not_held_against_the_rows_in_them(tiny_model, tmp_path):
+    from actors.attempts import CLUSTER, SUSPECT
+
+    # "oom" was in the engine at three deaths the cluster reports as its own (memory monitor kills, a lost
+    # node); "crash" at one of those and at one nobody owns (a segfault); "busy" is in a live engine.
+    ledger = CrashLedger(
+        {"oom": ["oom-1", "oom-2", "node-lost"], "crash": ["oom-1", "segv"], "busy": ["alive"]},
+        deaths={"oom-1": CLUSTER, "oom-2": CLUSTER, "node-lost": CLUSTER, "segv": SUSPECT},
+    )
+    stage = GenerateRows(
+        make_config(tiny_model, tmp_path), run_id="r", engine_factory=EchoEngine, ledger=ledger
+    )
+    rows = [_prepared(i, f"<|user|>{i}<|end|><|assistant|>") for i in ("a", "oom", "crash", "busy")]
+    out = stage(pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "ok", "ok", "ok"]  # before: "oom" quarantined
+    assert ledger.started == [["crash"], ["busy"], ["a", "oom"]]  # only deaths nobody owns make suspects
+    assert ledger.inner.engine_deaths() == {"cluster": 3, "suspect": 1}
 
 
 def test_prepared_rows_equal_to_pylist_without_copying_the_media():
