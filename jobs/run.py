@@ -1,8 +1,8 @@
 """Entrypoint: run a phi4mm-batch job.
 
-    python -m jobs.run --config FILE.yaml [--input PATH] [--output PATH] [--model PATH] [--limit N]
-        [--mode resume|overwrite|error] [--retry-errors CODE,...] [--run-id ID] [--set KEY=VALUE ...]
-        [--dry-run [--tokens-per-s R] [--workers N]]
+    python -m jobs.run --config FILE.yaml [--config PROFILE.yaml ...] [--input PATH] [--output PATH]
+        [--model PATH] [--limit N] [--mode resume|overwrite|error] [--retry-errors CODE,...] [--run-id ID]
+        [--set KEY=VALUE ...] [--dry-run [--tokens-per-s R] [--workers N]]
 
 Without a cluster it starts a local Ray; under ``ray job submit --working-dir . -- python -m jobs.run …``
 (or with RAY_ADDRESS set) it joins that cluster. Prints a summary and writes it beside the output as
@@ -11,6 +11,8 @@ included), 1 when the audit finds rows missing, duplicated or unexpected, 2 for 
 (config, input, model, output mode, an output that overlaps the input, cannot be written or another run
 is writing): one line on stderr, nothing changed, 3 when the run itself failed (a traceback; committed
 parts stay, ``--mode resume`` carries on).
+Several ``--config`` files merge in order, the later winning key by key (``schemas.job.read_config_files``):
+``--config jobs/configs/task_caption.yaml --config jobs/configs/profiles/cpu.yaml`` runs a preset on a CPU.
 ``--set engine.max_model_len=8192`` overrides any config key (validated like the file); ``--dry-run`` runs
 only the CPU stage, in this process, and prints what the run would do (``pipelines.dry_run``).
 ``--retry-errors CODE,...`` runs the output's error rows of those codes again, each new row replacing the
@@ -24,19 +26,23 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
+import types
+import typing
 import uuid
+from itertools import pairwise
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from actors.engines.vllm_stats import work_line
 from pipelines.lock import OutputLock
 from pipelines.validate import validate_job
 from schemas.errors import JobError
-from schemas.job import LOCAL_PATH_KEYS, ConfigTooLarge, JobConfig, load_yaml
+from schemas.job import LOCAL_PATH_KEYS, MAX_CONFIG_CHARS, ConfigTooLarge, JobConfig, load_yaml
 from schemas.redact import install_log_filter, redact
 
 logger = logging.getLogger("phi4mm_batch")
@@ -68,7 +74,14 @@ def _at_least_one(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _Parser(prog="python -m jobs.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="Job config YAML (see jobs/configs/).")
+    parser.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        metavar="FILE.yaml",
+        help="Job config YAML (see jobs/configs/). Repeatable: files merge in order, mappings key by key and the "
+        "later file winning, e.g. a preset then jobs/configs/profiles/cpu.yaml to run it on a CPU.",
+    )
     parser.add_argument("--input", help="Override input.path.")
     parser.add_argument("--output", help="Override output.path.")
     parser.add_argument("--model", help="Override model.path.")
@@ -92,7 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_key_value,
         metavar="KEY=VALUE",
         help="Override a config key, e.g. engine.max_model_len=8192 or task.preset=caption; VALUE is read as "
-        "YAML ({a: 1}, [x, y], null). Repeatable; validated like the file; after the other options.",
+        "YAML ({a: 1} or {a:1}, [x, y], null; a text key such as engine.env.X keeps 1 as the text '1'). "
+        "Repeatable; validated like the file; after the other options.",
     )
     parser.add_argument(
         "--dry-run",
@@ -122,13 +136,76 @@ def _key_value(text: str) -> tuple[str, object]:
             f"{text!r} is not KEY=VALUE with a dotted key such as engine.max_model_len=8192"
         )
     try:
-        return key, load_yaml(value) if value.strip() else ""
+        read = load_yaml(_spaced_flow_keys(value)) if value.strip() else ""
+        if isinstance(read, (bool, int, float)) and _holds_text(key):
+            read = value.strip()  # engine.env.X=1 is the text "1", as typed
+        return key, read
     except ConfigTooLarge as e:
         raise argparse.ArgumentTypeError(f"{key}=...: the value {e}") from None
     except yaml.YAMLError as e:
         raise argparse.ArgumentTypeError(
             f"{text!r}: the value is not YAML ({' '.join(str(e).split())})"
         ) from None
+
+
+# In a YAML flow mapping a colon separates key and value only with a space after it: `{concurrency:1}` is
+# the one key "concurrency:1" with no value. On a command line users type it without the space.
+_GLUED_KEY = re.compile(r"[A-Za-z_][\w-]*:(?=[^\s/:])")  # not a URL's scheme (s3://) nor "::"
+
+
+def _spaced_flow_keys(text: str) -> str:
+    """``{concurrency:1, batch_size:8}`` as users mean it: a space after the colon of each plain key in a
+    flow mapping. Quoted text, values (``{path: s3://b/x}``) and text that is not YAML stay as they are."""
+    if "{" not in text or len(text) > MAX_CONFIG_CHARS:
+        return text  # nothing to do, or load_yaml refuses it
+    try:
+        tokens = list(yaml.scan(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        return text  # load_yaml reports it
+    flows, cuts = [], []
+    for before, token in pairwise(tokens):
+        if isinstance(token, (yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)):
+            flows.append(isinstance(token, yaml.FlowMappingStartToken))
+        elif isinstance(token, (yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)):
+            flows.pop()
+        elif (
+            isinstance(token, yaml.ScalarToken)
+            and token.plain
+            and flows
+            and flows[-1]  # in a mapping, where a key stands
+            and isinstance(before, (yaml.FlowMappingStartToken, yaml.FlowEntryToken))
+            and (glued := _GLUED_KEY.match(token.value))
+        ):
+            cuts.append(token.start_mark.index + glued.end())
+    for cut in reversed(cuts):
+        text = f"{text[:cut]} {text[cut:]}"
+    return text
+
+
+def _one_type(annotation):
+    """``str`` for ``str | None`` or ``Annotated[str, ...]``; any other annotation as it is."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _one_type(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _one_type(kinds[0]) if len(kinds) == 1 else annotation
+    return annotation
+
+
+def _holds_text(key: str) -> bool:
+    """Whether the dotted config key holds text (``engine.env.X``, ``model.name``, ``task.template``)."""
+    annotation = JobConfig
+    for part in key.split("."):
+        annotation = _one_type(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if part not in annotation.model_fields:
+                return False
+            annotation = annotation.model_fields[part].annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        else:
+            return False
+    return _one_type(annotation) is str
 
 
 def _codes(text: str) -> list[str]:
@@ -148,7 +225,10 @@ def _positive(text: str) -> float:
     return value
 
 
-def load_config(args: argparse.Namespace) -> JobConfig:
+def load_config(args: argparse.Namespace, origins: dict[str, str] | None = None) -> JobConfig:
+    """The config files merged in order, then the options, then each --set; ``origins`` (when given) is
+    filled with the file that set each dotted key."""
+
     def local(p: str) -> str:  # CLI paths are relative to the current directory, not the YAML's
         return p if "://" in p else str(Path(p).resolve())
 
@@ -164,7 +244,7 @@ def load_config(args: argparse.Namespace) -> JobConfig:
         overrides["output.retry_errors"] = args.retry_errors
     for key, value in args.sets:  # after the options above: the last word wins
         overrides[key] = local(value) if key in LOCAL_PATH_KEYS and isinstance(value, str) else value
-    return JobConfig.from_yaml(args.config, overrides)
+    return JobConfig.from_yaml(args.config, overrides, origins)
 
 
 def init_ray() -> None:
@@ -276,19 +356,40 @@ def printed(summary: dict) -> dict:
     return {**summary, "input_files": {**files, "files": f"{files['count']} files: see the manifest"}}
 
 
-def validation_lines(error: ValidationError, source: str, sets: list[tuple[str, object]] = ()) -> list[str]:
-    """pydantic's report condensed to one line per field: ``FILE: model.max_lora_rank: ...``, or
+def validation_lines(
+    error: ValidationError,
+    configs: list[str],
+    sets: list[tuple[str, object]] = (),
+    origins: dict[str, str] | None = None,
+) -> list[str]:
+    """pydantic's report condensed to one line per field: ``FILE: model.max_lora_rank: ...`` naming the
+    last of the ``configs`` that set the field or a section above it (``origins``: dotted key -> file), or
     ``--set KEY=VALUE: ...`` when that override set the field (or a section above it)."""
     lines = []
     for e in error.errors():
-        where = ".".join(str(p) for p in e["loc"])
+        loc = [str(p) for p in e["loc"]]
+        where = ".".join(loc)
         given = [
             f"--set {k}={v}" for k, v in sets if f"{where}.".startswith(f"{k}.") or k.startswith(f"{where}.")
         ]
-        origin = given[-1] if given else source
+        files = [(origins or {}).get(".".join(loc[:n])) for n in range(len(loc), 0, -1)]
+        origin = given[-1] if given else next(filter(None, files), ", ".join(configs))
         message = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and ":" in loc[-1]:
+            key, _, value = loc[-1].partition(":")
+            message = (
+                f"unknown key: YAML reads {loc[-1]!r} in a {{...}} mapping as one key, for want of a space after "
+                f"the colon. Try {{{key}: {value.strip()}, ...}}"
+            )
+        elif e["type"] == "extra_forbidden":
             message = "unknown key. Try the keys schemas/job.py describes (a typo?)"
+        elif e["type"] == "string_type" and isinstance(e.get("input"), (bool, int, float)):
+            read, kind = (
+                (str(e["input"]).lower(), "a yes/no")
+                if isinstance(e["input"], bool)
+                else (e["input"], "a number")
+            )
+            message = f"is text, and YAML reads {read} as {kind}. Try quoting it: '{read}'"
         elif e["type"] == "missing":
             message = "is required. Try adding it (each field is described in schemas/job.py)"
         elif "Try " not in message:
@@ -310,15 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     run_id = args.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     # Every job-level check runs before Ray starts and before the output is touched: a mistake costs a
     # second and changes nothing.
+    origins: dict[str, str] = {}
     try:
-        config = load_config(args)
+        config = load_config(args, origins)
         plan = validate_job(config, run_id, writes=not args.dry_run)
         lock = None if args.dry_run else OutputLock(config.output.path, run_id).acquire()
     except JobError as e:
         print(error_line(str(e)), file=sys.stderr)
         return EXIT_JOB_ERROR
     except ValidationError as e:
-        print("\n".join(validation_lines(e, args.config, args.sets)), file=sys.stderr)
+        print("\n".join(validation_lines(e, args.config, args.sets, origins)), file=sys.stderr)
         return EXIT_JOB_ERROR
     logging.getLogger().setLevel(logging.INFO)
     if args.dry_run:  # no lock, no Ray, nothing written

@@ -70,5 +70,5 @@ def check_placement(config: JobConfig) -> None:
         raise JobError(
             f"this cluster cannot run the job: {'; '.join(problems)} ({where}). Try a cluster with such "
             "nodes, or smaller resources.*.num_gpus / num_cpus (on a machine without a GPU: "
-            "resources.generate.num_gpus 0, as jobs/configs/demo.yaml)."
+            "--config jobs/configs/profiles/cpu.yaml after your config, with the tiny checkpoint)."
         )

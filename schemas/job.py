@@ -5,6 +5,7 @@ Every model has ``extra="forbid"`` so a typo in a YAML key fails at load time wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -163,6 +164,52 @@ def _read_yaml_mapping(path: Path) -> dict:
             "keys input:, output:, model: ... as in jobs/configs/demo.yaml."
         )
     return raw
+
+
+def _resolve_local_paths(raw: dict, path: Path) -> None:
+    """Relative local paths of one config file (``LOCAL_PATH_KEYS``, ``input.allowed_media_roots``) made
+    absolute against that file's directory, in place."""
+    for *sections, key in (k.split(".") for k in LOCAL_PATH_KEYS):
+        node = raw
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        value = node.get(key) if isinstance(node, dict) else None  # a non-mapping: pydantic says so
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            node[key] = str((path.parent / value).resolve())
+    roots = raw["input"].get("allowed_media_roots") if isinstance(raw.get("input"), dict) else None
+    if isinstance(roots, list):  # local directories, like media_root, are relative to the YAML
+        raw["input"]["allowed_media_roots"] = [
+            str((path.parent / r).resolve())
+            if isinstance(r, str) and "://" not in r and not Path(r).is_absolute()
+            else r
+            for r in roots
+        ]
+
+
+def _merge(into: dict, other: dict, origin: str, origins: dict[str, str], prefix: str = "") -> None:
+    for key, value in other.items():
+        dotted = f"{prefix}{key}"
+        origins[dotted] = origin
+        if isinstance(value, dict):
+            if not isinstance(into.get(key), dict):
+                into[key] = {}
+            _merge(into[key], value, origin, origins, f"{dotted}.")
+        else:
+            into[key] = value
+
+
+def read_config_files(paths: Sequence[str | Path]) -> tuple[dict, dict[str, str]]:
+    """Config files merged in order, as ``--config BASE --config PROFILE`` reads them: mappings key by key
+    (the later file wins), anything else (a list too) replaced whole; each file's relative paths resolved
+    against its own directory first. Returns the merged mapping and, for every dotted key a file sets
+    (sections included), the last file that set it."""
+    merged: dict = {}
+    origins: dict[str, str] = {}
+    for path in paths:
+        raw = _read_yaml_mapping(Path(path))
+        _resolve_local_paths(raw, Path(path))
+        _merge(merged, raw, str(path), origins)
+    return merged, origins
 
 
 # One optional input column per per-row sampling field (schemas.sampling.RowSampling), named like it.
@@ -921,28 +968,22 @@ class JobConfig(_Strict):
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> JobConfig:
-        """Load a YAML config; relative local paths in it are resolved against the YAML's directory.
+    def from_yaml(
+        cls,
+        path: str | Path | Sequence[str | Path],
+        overrides: dict | None = None,
+        origins: dict | None = None,
+    ) -> JobConfig:
+        """Load a YAML config, or several merged in order (``read_config_files``); relative local paths in
+        each are resolved against that file's directory. ``overrides`` (dotted keys) are applied last;
+        ``origins``, when given, is filled with the file that set each dotted key.
 
         A file that is missing, not YAML, not a mapping or that repeats a key raises ``JobError`` (one line
         naming the file and line); a mapping that is not a valid config raises pydantic's ValidationError.
         """
-        raw = _read_yaml_mapping(Path(path))
-        for *sections, key in (k.split(".") for k in LOCAL_PATH_KEYS):
-            node = raw
-            for section in sections:
-                node = node.get(section) if isinstance(node, dict) else None
-            value = node.get(key) if isinstance(node, dict) else None  # a non-mapping: pydantic says so
-            if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-                node[key] = str((Path(path).parent / value).resolve())
-        roots = raw["input"].get("allowed_media_roots") if isinstance(raw.get("input"), dict) else None
-        if isinstance(roots, list):  # local directories, like media_root, are relative to the YAML
-            raw["input"]["allowed_media_roots"] = [
-                str((Path(path).parent / r).resolve())
-                if isinstance(r, str) and "://" not in r and not Path(r).is_absolute()
-                else r
-                for r in roots
-            ]
+        raw, found = read_config_files([path] if isinstance(path, (str, Path)) else path)
+        if origins is not None:
+            origins.update(found)
         for dotted, value in (overrides or {}).items():
             node = raw
             *parents, leaf = dotted.split(".")
