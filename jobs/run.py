@@ -6,7 +6,8 @@
 
 Without a cluster it starts a local Ray; under ``ray job submit --working-dir . -- python -m jobs.run …``
 (or with RAY_ADDRESS set) it joins that cluster. Prints a summary and writes it beside the output as
-``_run-<run_id>.json``. Exit status: 0 when every input row has exactly one output row (error rows
+``_run-<run_id>.json`` (its config, command and commit: ``python -m jobs.from_manifest`` writes the config
+back as YAML). Exit status: 0 when every input row has exactly one output row (error rows
 included), 1 when the audit finds rows missing, duplicated or unexpected, 2 for a mistake in the job
 (config, input, model, output mode, an output that overlaps the input, cannot be written or another run
 is writing): one line on stderr, nothing changed, 3 when the run itself failed (a traceback; committed
@@ -56,7 +57,7 @@ def error_line(message: str) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line like every other job mistake, not usage + message
-        print(error_line(f"{message}. Try python -m jobs.run --help."), file=sys.stderr)
+        print(error_line(f"{message}. Try {self.prog} --help."), file=sys.stderr)
         sys.exit(EXIT_JOB_ERROR)
 
 
@@ -99,11 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-id", help="Id for this run (default: time + random suffix).")
     parser.add_argument(
         "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        type=_key_value,
-        metavar="KEY=VALUE",
+        **SET_OPTION,
         help="Override a config key, e.g. engine.max_model_len=8192 or task.preset=caption; VALUE is read as "
         "YAML ({a: 1} or {a:1}, [x, y], null; a text key such as engine.env.X keeps 1 as the text '1'). "
         "Repeatable; validated like the file; after the other options.",
@@ -206,6 +203,10 @@ def _holds_text(key: str) -> bool:
         else:
             return False
     return _one_type(annotation) is str
+
+
+# --set KEY=VALUE, repeatable: (KEY, VALUE read as YAML) pairs in args.sets (also jobs.from_manifest's)
+SET_OPTION = {"dest": "sets", "action": "append", "default": [], "type": _key_value, "metavar": "KEY=VALUE"}
 
 
 def _codes(text: str) -> list[str]:
@@ -436,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         work = prepare_work(config, plan)  # holding the lock: what is done, what to retry, what to read
         if not work.idle:  # a run with nothing to do starts no Ray and no engine
             init_ray()
-        summary = run_pipeline(config, run_id, plan=plan, lock=lock, work=work)
+        argv = sys.argv[1:] if argv is None else argv  # for the manifest
+        summary = run_pipeline(config, run_id, plan=plan, lock=lock, work=work, argv=argv)
     except JobError as e:
         print(error_line(str(e)), file=sys.stderr)
         return EXIT_JOB_ERROR

@@ -251,25 +251,27 @@ def run_pipeline(
     plan: JobPlan | None = None,
     lock: OutputLock | None = None,
     work: Work | None = None,
+    argv: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the job on the current Ray cluster and return its summary (also written beside the output).
 
     Validates the job first (``pipelines.validate``; a JobError leaves everything as it was) unless given
     its ``plan``, and holds the output's lock for the whole run unless the caller holds it (``lock``):
     ``jobs.run`` does both before it starts Ray, so a mistake or a busy output costs no cluster start.
-    ``work``: what ``prepare_work`` decided, holding that lock. A run with nothing to do (every row done,
+    ``work``: what ``prepare_work`` decided, holding that lock; ``argv``: the command's arguments, for the
+    manifest (``jobs.run``'s; None: this process's). A run with nothing to do (every row done,
     no error row to retry) uses no Ray: it audits the output and writes its summary."""
     started = time.perf_counter()
     use(config.storage)
     plan = plan or validate_job(config, run_id)
     if lock is not None:
-        return _run_locked(config, run_id, plan, started, work)
+        return _run_locked(config, run_id, plan, started, work, argv)
     with OutputLock(config.output.path, run_id):
-        return _run_locked(config, run_id, plan, started, work)
+        return _run_locked(config, run_id, plan, started, work, argv)
 
 
 def _run_locked(
-    config: JobConfig, run_id: str, plan: JobPlan, started: float, work: Work | None
+    config: JobConfig, run_id: str, plan: JobPlan, started: float, work: Work | None, argv: list[str] | None
 ) -> dict[str, Any]:
     out = config.output
     work = work or prepare_work(config, plan)
@@ -285,7 +287,7 @@ def _run_locked(
     if work.idle:
         logger.info("nothing to do: every row of this run is in %s; no Ray, no engine", out.path)
         check = audit(plan.input_ids, out.path, plan.run_ids)
-        return _finish(config, run_id, plan, work, WriteStats(), check, True, started, {}, None, {})
+        return _finish(config, run_id, plan, work, WriteStats(), check, True, started, {}, None, {}, argv)
     from pipelines.placement import check_placement
 
     check_placement(config)  # a stage no node can host would wait forever: exit 2 before anything is read
@@ -356,7 +358,9 @@ def _run_locked(
     committed = check.ok or not into
     if not committed:
         logger.error("%s not committed: its audit failed; the old output is unchanged", out.path)
-    return _finish(config, run_id, plan, work, stats, check, committed, started, actors, monitor, deaths)
+    return _finish(
+        config, run_id, plan, work, stats, check, committed, started, actors, monitor, deaths, argv
+    )
 
 
 def _finish(
@@ -371,6 +375,7 @@ def _finish(
     actors: dict,
     monitor: ProgressMonitor | None,
     deaths: dict[str, int],
+    argv: list[str] | None = None,
 ) -> dict[str, Any]:
     """The run's summary, written beside the output with its rate plot (``monitor``'s samples; none for
     a run with nothing to do); returned."""
@@ -402,7 +407,7 @@ def _finish(
         "cpu_actors": actors.get("preprocess", {}),
         "audit": {**check.__dict__, "ok": check.ok},
         "input_files": input_files_record(plan.input_ids, work.files),
-        "provenance": provenance(config, actors.get("device", {}), plan.adapters),
+        "provenance": provenance(config, actors.get("device", {}), plan.adapters, argv),
     }
     plot = None
     if config.progress.plot and monitor is not None:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pipelines.phi4mm import run_pipeline
 from pipelines.provenance import config_hash, file_hash
+from schemas.job import JobConfig
 from tests.helpers import make_config
 
 
@@ -83,6 +84,8 @@ def test_the_manifest_has_provenance_and_the_rates_plot_and_progress_was_logged(
     manifest = json.loads((out / "_run-hf.json").read_text())
     prov = manifest["provenance"]
     assert prov["config_sha256"] == config_hash(config)
+    assert not prov["config_redacted"] and JobConfig.model_validate(prov["config"]) == config  # as it ran
+    assert prov["project"]["commit"] and prov["command"]["cwd"]  # this checkout's commit
     assert prov["checkpoint"]["config_sha256"] == file_hash(Path(tiny_model) / "config.json")
     assert set(prov["checkpoint"]["adapters_sha256"]) == {"vision", "speech"}
     assert all(prov["versions"][k] for k in ("phi4mm-batch", "vllm", "ray", "torch", "transformers"))
