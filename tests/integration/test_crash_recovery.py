@@ -47,8 +47,9 @@ def test_a_gpu_actor_killed_mid_run_loses_and_duplicates_nothing(local_ray, tiny
                 )
             except ValueError:  # the ledger does not exist yet
                 stats = {}
-            if stats:
-                pid = int(next(iter(stats)).rsplit(":", 1)[1])
+            served = [actor for actor, s in stats.items() if s.get("requests")]  # not one still starting
+            if served:
+                pid = int(served[0].rsplit(":", 1)[1])
                 os.kill(pid, signal.SIGKILL)  # as an OOM kill or a segfault would
                 killed.append(pid)
                 return
