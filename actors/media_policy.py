@@ -1,5 +1,5 @@
 """What a row's media path may reach, and how much of it is read: the trust boundary between untrusted
-rows and the machine (README, "Security: rows are untrusted").
+rows and the machine (docs/security.md, "Security: rows are untrusted").
 
 A path is decided from its text and the config alone, before anything is opened:
 1. ``::`` anywhere is refused: fsspec chains (``simplecache::http://...``) reach any protocol.

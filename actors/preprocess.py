@@ -4,7 +4,7 @@ error rows. Media leave this stage as what the model consumes (``actors.features
 ``PreprocessRows`` is a plain callable class: ``PreprocessRows(config)(pyarrow_table) -> pyarrow_table``.
 It never raises for a bad row and returns exactly one prepared row per input row, in order.
 
-Rows are untrusted (README, "Security: rows are untrusted"): media paths stay inside the trust boundary
+Rows are untrusted (docs/security.md, "Security: rows are untrusted"): media paths stay inside the trust boundary
 (``actors.media_policy``), media sizes are capped before decoding (``actors.media``), and each row has a
 time limit (``RowTimer``).
 """

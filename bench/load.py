@@ -9,7 +9,7 @@ clusters on the machine are left out), grouped by what the process is: peak RSS,
 (RSS less shared pages: the object store's pages count in the RSS of every process that maps them) and
 the private peak in each half of the run (memory that grows with rows shows as a second half above the
 first). Keeps each run's log and samples in the work directory; writes ``bench/results/load-<host>.json``
-and prints the table. README, "Memory under load", has the figures and what they mean.
+and prints the table. docs/reliability.md, "Memory under load", has the figures and what they mean.
 """
 
 from __future__ import annotations

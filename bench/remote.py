@@ -25,7 +25,7 @@ media's bytes (a local read, or what is left of a fetch started ahead), which ot
 barely moves; ``cpu_busy`` (process CPU seconds per wall second: about 1 when the stage is busy
 preparing rows, lower when it waits for bytes or for a core); and ``over_local``, its rows/s over local
 disk's in the same round. Every row must come out ok: error rows would be measuring something else.
-README, "Object stores", has the figures.
+docs/object-stores.md, "Object stores", has the figures.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Runs over an input directory that keeps receiving Parquet files (README, "Scheduled and incremental
+"""Runs over an input directory that keeps receiving Parquet files (docs/running.md, "Scheduled and incremental
 runs"): with ``output.mode: resume``, a run reads only the files that hold a row not yet in the output,
 and its manifest lists every input file it saw.
 
@@ -50,7 +50,7 @@ def input_files_record(input_ids: IdColumn, read: list[str]) -> dict:
 def file_segments(input_ids: IdColumn, files: list[str], segment_rows: int) -> list[list[str]]:
     """``files`` in input order, cut into runs of whole files of at least ``segment_rows`` rows each (the
     last may hold fewer; rows from the Parquet footers, done rows included): each is run as a Ray Data
-    execution of its own, so that the driver's per-execution bookkeeping stays bounded (README, "Memory
+    execution of its own, so that the driver's per-execution bookkeeping stays bounded (docs/reliability.md, "Memory
     under load"). Always at least one segment, empty when ``files`` is."""
     if input_ids.rows <= segment_rows:  # one segment: no footers read again
         return [list(files)]

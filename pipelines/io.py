@@ -1,4 +1,4 @@
-"""Parquet in and out, with the guarantees users rely on (README, "Reliability"):
+"""Parquet in and out, with the guarantees users rely on (docs/reliability.md, "Reliability"):
 
 - the output is every ``part-*.parquet`` file directly in the output directory: what pyarrow, pandas and
   Ray read, and the one rule resume and the audit follow too. Everything else the project keeps there

@@ -10,7 +10,7 @@ committing instead of writing beside the new owner.
 
 Local directories get an exclusive create (``O_EXCL``), so two runs never both win. Object stores have
 no exclusive create in pyarrow: there the lock is written and read back, which leaves a window of a
-request's latency in which two runs starting together could both proceed (README, "Reliability").
+request's latency in which two runs starting together could both proceed (docs/reliability.md, "Reliability").
 """
 
 from __future__ import annotations

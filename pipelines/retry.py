@@ -1,5 +1,5 @@
 """Error rows run again into the same output, one row per id kept (``output.retry_errors``, CLI
-``--retry-errors CODE,...``; README, "Running error rows again").
+``--retry-errors CODE,...``; docs/reliability.md, "Running error rows again").
 
 Resume skips every id the output holds, error rows included. A retry runs again the rows whose error code
 is one of the chosen codes, with the rows not done yet as resume does, and replaces each old row by its

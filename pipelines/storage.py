@@ -1,4 +1,4 @@
-"""Where a job's paths live: the one place a URI becomes a pyarrow file system (README, "Object stores").
+"""Where a job's paths live: the one place a URI becomes a pyarrow file system (docs/object-stores.md, "Object stores").
 
     fs, path = filesystem_for("s3://bucket/out", config.storage)
 

@@ -1,5 +1,5 @@
 """The job's own LoRA adapters (``model.adapters``) and the checks an adapter folder passes before any
-engine starts (README, "Your own adapters").
+engine starts (docs/adapters.md, "Your own adapters").
 
     check_files("model.adapters.speech", source, {"adapter_config.json": 700, ...}, max_bytes)
     info = check_adapter_dir("model.adapters.speech", Path(folder), max_bytes)  # AdapterInfo(rank, ...)

@@ -396,7 +396,7 @@ class OutputConfig(_Strict):
         known = [c.value for c in ErrorCode]
         if unknown := [c for c in codes if c not in known]:
             raise ValueError(
-                f"{unknown[0]!r} is not an error code. Try codes of the README's Error codes list, e.g. "
+                f"{unknown[0]!r} is not an error code. Try codes of the error codes of docs/data.md, e.g. "
                 "MEDIA_FETCH_TIMEOUT"
             )
         return list(dict.fromkeys(codes))
@@ -655,7 +655,7 @@ class ModelConfig(_Strict):
     )
     adapters: AdaptersConfig = Field(
         default_factory=AdaptersConfig,
-        description="Your own fine-tuned LoRA folders in place of the checkpoint's (README, 'Your own adapters').",
+        description="Your own fine-tuned LoRA folders in place of the checkpoint's (docs/adapters.md, 'Your own adapters').",
     )
 
     @field_validator("max_lora_rank")
@@ -963,7 +963,7 @@ class JobConfig(_Strict):
                 f"engines sharing a GPU (resources.generate.num_gpus {gen.num_gpus}) need their KV cache set "
                 "outright, or each sizes it from what the others left free and holds too few requests. Try "
                 "engine.kv_cache_memory_gib: the card's GiB x gpu_memory_utilization minus the model's weights "
-                "and ~4 GiB of working memory (README, 'Two engines on one GPU'), or num_gpus: 1."
+                "and ~4 GiB of working memory (docs/gpus.md, 'Two engines on one GPU'), or num_gpus: 1."
             )
         return self
 

@@ -1,4 +1,4 @@
-"""URLs as they may be shown: the one place that decides what of a URL is a secret (README, "Security: rows
+"""URLs as they may be shown: the one place that decides what of a URL is a secret (docs/security.md, "Security: rows
 are untrusted").
 
     redact("https://u:pw@host/a.png?X-Amz-Date=20240101T000000Z&X-Amz-Signature=f00d")

@@ -6,7 +6,9 @@ from tests.helpers import REPO
 
 def test_the_config_reference_is_generated_from_the_models():
     written = (REPO / "docs" / "config.md").read_text()
-    assert written == reference(), "docs/config.md is stale. Try: python -m schemas.reference > docs/config.md"
+    assert written == reference(), (
+        "docs/config.md is stale. Try: python -m schemas.reference > docs/config.md"
+    )
 
 
 def test_every_key_has_a_type_a_default_and_a_description():
