@@ -148,7 +148,7 @@ def resolve_media_path(path: str, source: MediaSource, kind: str) -> MediaTarget
             raise _outside(kind, path)
     real = os.path.realpath(local)
     if not any(_inside(real, r) for r in source.local_roots):
-        raise _outside(kind, path)
+        raise _outside(kind, path, _folder_to_allow(path, source))
     return MediaTarget(real, is_local=True)
 
 
@@ -183,8 +183,31 @@ def _refused(kind: str, path: str, why: str) -> RowError:
     return RowError(ErrorCode.MEDIA_PATH_REFUSED, f"{kind} path {path!r} {why}.")
 
 
-def _outside(kind: str, path: str) -> RowError:
-    # The same words for a file that exists and one that does not: no existence oracle.
+def _folder_to_allow(path: str, source: MediaSource) -> str | None:
+    """The directory ``input.allowed_media_roots`` would need for an absolute local ``path``, from its text
+    alone: part of the row's own path, the same whether the file exists or not. None for a relative path,
+    for a file at the top (never suggest "/"), and for one whose directory is already allowed (a symlink
+    that leads out: listing it would not help)."""
+    local = as_local(path)
+    if local is None or not os.path.isabs(local):
+        return None
+    folder = os.path.dirname(os.path.normpath(local))
+    given = (as_local(r) for r in (source.media_root, *source.allowed_roots) if r)
+    roots = (*source.local_roots, *(os.path.abspath(r) for r in given if r))
+    return None if folder == "/" or any(_inside(folder, r) for r in roots) else folder
+
+
+def _outside(kind: str, path: str, folder: str | None = None) -> RowError:
+    # The same words for a file that exists and one that does not: no existence oracle. ``folder``: the
+    # directory that would allow it (``_folder_to_allow``, from the path's text).
+    if folder:
+        return _refused(
+            kind,
+            path,
+            "is outside what rows may read (input.media_root and input.allowed_media_roots). Try "
+            f"input.allowed_media_roots: [{folder!r}] (if every row may read that directory), storing the "
+            "bytes in the column, or moving the file under input.media_root",
+        )
     return _refused(
         kind,
         path,

@@ -19,7 +19,6 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.cpu_pool import prepare_in_processes, usable_cores
 from pipelines.io import committed_ids
@@ -56,20 +55,14 @@ def _batches(config: JobConfig, plan: JobPlan, done_ids: pa.Array):
     """The rows the run would process, in input order, in CPU-stage batches."""
     from pipelines.phi4mm import _select_rows
 
-    fs = plan.input_ids.fs
     size = config.resources.preprocess.batch_size
     for path in plan.files:
-        with pq.ParquetFile(path, filesystem=fs) as f:
-            for batch in f.iter_batches(batch_size=size):
-                table = _select_rows(
-                    pa.Table.from_batches([batch]),
-                    config.input.columns.id,
-                    done_ids,
-                    plan.run_ids,
-                    plan.schema,
-                )  # a --limit run: its ids, minus those done (_select_rows drops done ids itself)
-                if table.num_rows:
-                    yield table
+        for table in plan.input_ids.tables(path, size):  # with derived ids, their column added
+            table = _select_rows(
+                table, config.input.columns.id, done_ids, plan.run_ids, plan.schema
+            )  # a --limit run: its ids, minus those done (_select_rows drops done ids itself)
+            if table.num_rows:
+                yield table
 
 
 # What the report counts of each prepared row.

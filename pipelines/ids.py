@@ -18,6 +18,12 @@ Inputs up to ``BUCKET_IDS`` rows (one bucket) stay in memory: no temporary files
     with partition(tables, rows, schema) as buckets:   # reads every table first
         for bucket in buckets:                         # then loads one bucket at a time
             ...
+
+Derived ids (``input.derived_ids``, for inputs without an id column such as ``Dataset.to_parquet()``'s):
+a row's id is its file's path relative to ``input.path``, ``:`` and its row in that file, counted from 0
+(``train-00000-of-00001.parquet:41``). They are made from the files' footers (no data read), are unique
+and never blank by construction, and are the same in every run while the files stay as they are:
+rewriting or reordering a file changes its rows' ids, and resume and the audit match rows by them.
 """
 
 from __future__ import annotations
@@ -83,13 +89,16 @@ def id_strings(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
 class IdColumn:
     """One column of ids in Parquet files, read batch by batch (that column only), never whole.
 
-    ``rows`` comes from the files' footers; ``uri`` is how the user named the files (for messages)."""
+    ``rows`` comes from the files' footers; ``uri`` is how the user named the files (for messages).
+    ``root``: the ids are derived, not read (see the module docstring): ``column`` is the column they go
+    in, each file is named by its path relative to ``root`` (the input's path on ``fs``)."""
 
     fs: pafs.FileSystem
     files: tuple[str, ...]
     column: str
     uri: str
     rows: int
+    root: str | None = None
 
     @classmethod
     def of_files(cls, fs: pafs.FileSystem, files: Iterable[str], column: str, uri: str) -> IdColumn:
@@ -100,7 +109,32 @@ class IdColumn:
         """``(file, first row in that file, ids in string form)`` in input order: files in the given
         order, rows in file order. Raises IdReadError naming the file."""
         for path in self.files:
-            yield from self._file_batches(path)
+            yield from self._derived_batches(path) if self.root is not None else self._file_batches(path)
+
+    def tables(self, path: str, batch_size: int) -> Iterator[pa.Table]:
+        """Every column of the file ``path``, in file order, ``batch_size`` rows at a time; with derived
+        ids, their column appended (the same ids ``batches`` gives). What a read task or the dry run reads."""
+        row = 0
+        with pq.ParquetFile(path, filesystem=self.fs) as f:
+            for batch in f.iter_batches(batch_size=batch_size):
+                table = pa.Table.from_batches([batch])
+                if self.root is not None:
+                    table = table.append_column(
+                        self.column, derived_ids(derived_name(self.root, path), row, table.num_rows)
+                    )
+                yield table
+                row += table.num_rows
+
+    def _derived_batches(self, path: str) -> Iterator[tuple[str, int, pa.Array]]:
+        try:
+            rows = pq.read_metadata(path, filesystem=self.fs).num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise IdReadError("read", path, None, _reason(e)) from None
+        name, step = derived_name(self.root, path), batch_ids()
+        for start in range(0, rows, step):
+            ids = derived_ids(name, start, min(step, rows - start))
+            _held(len(ids))
+            yield path, start, ids
 
     def _file_batches(self, path: str) -> Iterator[tuple[str, int, pa.Array]]:
         row = 0
@@ -117,6 +151,19 @@ class IdColumn:
                     row += len(ids)
         except (pa.ArrowInvalid, OSError) as e:
             raise IdReadError("read", path, None, _reason(e)) from None
+
+
+def derived_name(root: str, path: str) -> str:
+    """How a derived id names the file ``path``: its path relative to the input's ``root`` (its base name
+    when the input is that one file)."""
+    root = root.rstrip("/")
+    return path.rsplit("/", 1)[-1] if path == root else path[len(root) :].lstrip("/")
+
+
+def derived_ids(name: str, start: int, n: int) -> pa.Array:
+    """The derived ids of rows ``start`` .. ``start + n - 1`` of the file ``name``: ``name:row``."""
+    rows = pc.cast(pa.arange(start, start + n), pa.string())
+    return pc.binary_join_element_wise(f"{name}:", rows, "")
 
 
 def _reason(e: BaseException) -> str:

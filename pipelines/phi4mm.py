@@ -11,13 +11,14 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.ids import count_in
+from pipelines.ids import IdColumn, count_in
 from pipelines.incremental import done_among, file_segments, input_files_record, pending_files
 from pipelines.io import (
     Audit,
@@ -37,7 +38,14 @@ from pipelines.provenance import provenance
 from pipelines.retry import RetryPlan, commit_retry, parts_after, retry_of, stage_kept_rows, without
 from pipelines.spec import StageSpec, apply
 from pipelines.storage import filesystem_for, use
-from pipelines.validate import JobPlan, check_input_columns, validate_job
+from pipelines.validate import (
+    JobPlan,
+    check_input_columns,
+    input_files,
+    input_schema,
+    validate_job,
+    with_id_column,
+)
 from schemas.job import JobConfig, pool_bounds
 from schemas.output import OutputShape, TypedColumn
 from schemas.redact import redact
@@ -154,19 +162,14 @@ def read_input(
     import ray
 
     fs, path = filesystem_for(config.input.path, config.storage)  # the job's endpoint, not the default
-    ds = ray.data.read_parquet(files or path, filesystem=fs, num_cpus=config.resources.io_num_cpus)
-    if schema is None:
-        check_input_columns(config, ds.schema().base_schema)
-    ds = ds.map_batches(
-        _select_rows,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "id_column": config.input.columns.id,
-            "done_ids": done_ids,
-            "keep_ids": keep_ids,
-            "schema": schema,
-        },  # fmt: skip
-    )
+    select = {"id_column": config.input.columns.id, "done_ids": done_ids, "keep_ids": keep_ids}
+    if config.input.derived_ids:
+        ds = _read_with_derived_ids(config, fs, path, files, schema, select)
+    else:
+        ds = ray.data.read_parquet(files or path, filesystem=fs, num_cpus=config.resources.io_num_cpus)
+        if schema is None:
+            check_input_columns(config, ds.schema().base_schema)
+        ds = ds.map_batches(_select_rows, batch_format="pyarrow", fn_kwargs={**select, "schema": schema})
     if keep_ids is not None:
         ds = ds.limit(len(keep_ids))  # all there is: lets Ray stop reading once they have passed
     # Ray hands a whole block to one actor: a single-row-group file would keep one CPU actor busy while
@@ -174,6 +177,42 @@ def read_input(
     # groups and block sizes are; tiny blocks from many small files are combined up to that size.
     # Streaming: nothing is materialised.
     return ds.repartition(target_num_rows_per_block=config.resources.preprocess.batch_size)
+
+
+def _read_with_derived_ids(config: JobConfig, fs, root: str, files, schema, select: dict):
+    """``input.derived_ids``: each row's id is made from its file and its row in that file
+    (``pipelines.ids``), so a read task must see a whole file in order. Ray's read_parquet tells neither
+    (``include_paths`` gives the file, but no row in it; ``include_row_hash`` hashes the absolute path and
+    the row's position after filters), so each file is read by a task of its own, in file order, in
+    batches of one CPU batch (a generator: a large file is never held whole)."""
+    import ray
+
+    files = files or input_files(config.input.path)[1]
+    if schema is None:
+        schema = input_schema(fs, files, config.input.path)[0]
+        check_input_columns(config, schema)
+        schema = with_id_column(config, schema)
+    ids = IdColumn(fs, (), config.input.columns.id, config.input.path, 0, root)
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    return ds.map_batches(
+        _read_files,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=config.resources.io_num_cpus,
+        fn_kwargs={
+            **select,
+            "ids": ids,
+            "batch_size": config.resources.preprocess.batch_size,
+            "schema": schema,
+        },
+    )
+
+
+def _read_files(files: pa.Table, ids: IdColumn, batch_size: int, **select) -> Iterator[pa.Table]:
+    """A read task: each file's rows with their derived ids, selected as ``_select_rows`` does."""
+    for path in files.column("file").to_pylist():
+        for table in ids.tables(path, batch_size):
+            yield _select_rows(table, **select)
 
 
 def output_shape(config: JobConfig, plan: JobPlan) -> OutputShape:

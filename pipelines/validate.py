@@ -82,9 +82,17 @@ def validate_job(config: JobConfig, run_id: str | None = None, writes: bool = Tr
         check_run_id_unused(config.output.path, run_id)
     # The slow checks last, so that a mistake above costs no adapter download and no id scan.
     adapters = check_adapters(config)  # remote adapters are copied into this node's cache here
-    input_ids = IdColumn(fs, tuple(files), config.input.columns.id, config.input.path, rows)
+    root = filesystem_for(config.input.path)[1] if config.input.derived_ids else None
+    input_ids = IdColumn(fs, tuple(files), config.input.columns.id, config.input.path, rows, root)
     run_ids = check_ids(input_ids, config.input.limit)  # reads the input's whole id column
-    return JobPlan(files, schema, input_ids, run_ids, adapters)
+    return JobPlan(files, with_id_column(config, schema), input_ids, run_ids, adapters)
+
+
+def with_id_column(config: JobConfig, schema: pa.Schema) -> pa.Schema:
+    """The input's schema as its rows are read: with derived ids, their string column appended."""
+    if not config.input.derived_ids:
+        return schema
+    return schema.append(pa.field(config.input.columns.id, pa.string()))
 
 
 def check_model(model: ModelConfig) -> None:
@@ -236,10 +244,17 @@ def check_input_columns(config: JobConfig, schema: pa.Schema) -> None:
     """Fail before any actor starts when the configured columns do not match the data."""
     cols = config.input.columns
     names = set(schema.names)
-    if cols.id not in names:
+    if config.input.derived_ids and cols.id in names:
+        raise JobError(
+            f"input {config.input.path} has a column {cols.id!r}, and input.derived_ids would write the "
+            f"derived ids in its place. Try input.columns.id: {cols.id} without input.derived_ids to use "
+            "that column as the ids, or input.columns.id with another name for the derived ones."
+        )
+    if not config.input.derived_ids and cols.id not in names:
         raise JobError(
             f"input {config.input.path} has no id column {cols.id!r} (columns: {sorted(names)}). "
-            "Try input.columns.id with the name of a unique key column."
+            "Try input.columns.id with the name of a unique key column, or input.derived_ids: true for "
+            "ids made from each row's file and row ('<file>:<row>', as for a Hugging Face datasets export)."
         )
     content = [c for c in (cols.image, cols.audio, cols.prompt) if c]
     # a task's template may read text columns only: the task checks below name what it needs
@@ -292,7 +307,9 @@ def check_ids(ids: IdColumn, limit: int | None = None) -> pa.Array | None:
     One streaming pass over the id column (that column only): blanks are counted on the way, and the ids
     go into hash buckets (``pipelines.ids.partition``) where repeats are counted one bucket at a time, so
     the driver holds about a million ids at most, whatever the input's size. A --limit run's first ids
-    are few and kept."""
+    are few and kept. Derived ids are unique and never blank by construction: only the first are read."""
+    if ids.root is not None:
+        return _first(_translated(ids), limit) if limit else None
     blanks = _Blanks(ids.uri)
     first: list[pa.Array] = []
 
@@ -311,6 +328,17 @@ def check_ids(ids: IdColumn, limit: int | None = None) -> pa.Array | None:
         _refuse_repeated(buckets, ids.column)
     if not limit:
         return None
+    return pa.concat_arrays(first) if first else pa.array([], pa.string())
+
+
+def _first(batches: Iterator[tuple[str, int, pa.Array]], limit: int) -> pa.Array:
+    """The first ``limit`` ids of ``batches``, reading no further."""
+    first, wanted = [], limit
+    for _, _, batch in batches:
+        first.append(batch[:wanted])
+        wanted -= len(first[-1])
+        if not wanted:
+            break
     return pa.concat_arrays(first) if first else pa.array([], pa.string())
 
 

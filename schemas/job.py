@@ -262,6 +262,14 @@ class InputConfig(_Strict):
         description="Parquet file or directory (local path or fsspec URL such as s3://bucket/dir)."
     )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Input column names.")
+    derived_ids: bool = Field(
+        False,
+        description=(
+            "The input has no id column: each row's id is derived from its file and row, '<file path "
+            "relative to path>:<row in the file>', the output's id. Stable while the files stay as they "
+            "are: rewriting or reordering a file changes its ids."
+        ),
+    )
     media_root: str | None = Field(
         None,
         description=(

@@ -128,6 +128,26 @@ def test_absolute_paths_outside_the_root_are_refused(root, tmp_path):
         assert e.code == REFUSED and "allowed_media_roots" in e.message and "Try" in e.message, path
 
 
+def test_a_refused_absolute_path_names_the_setting_that_allows_its_directory(root, tmp_path):
+    """A Hugging Face datasets export of local files holds absolute paths: the refusal says which line of
+    config allows them, made from the path's text alone (the same whether the file exists or not)."""
+    source = MediaSource(media_root=str(root))
+    outside = tmp_path / "outside"
+    allow = f"Try input.allowed_media_roots: [{str(outside)!r}]"
+    for path in (str(outside / "secret.jpg"), str(outside / "absent.jpg"), f"file://{outside}/secret.jpg"):
+        e = _read(path, source)
+        assert e.code == REFUSED and allow in e.message, e.message
+        told = e.message.replace(repr(path), "").replace(repr(str(outside)), "")
+        assert str(tmp_path) not in told  # the row's path and its directory: nothing more is told
+    allowed = MediaSource(media_root=str(root), allowed_roots=(str(outside),))  # what the message says
+    assert read_media_path(str(outside / "secret.jpg"), allowed, "image") == CAT
+    (root / "link.jpg").symlink_to(outside / "secret.jpg")
+    for path in (str(root / "link.jpg"), "../outside/secret.jpg", "/top-level.jpg"):
+        # a link out of an allowed directory, a relative escape, a file at the top: no directory to name
+        message = _read(path, source).message
+        assert "input.allowed_media_roots: [" not in message and "allowed_media_roots" in message, message
+
+
 @pytest.mark.parametrize(
     "path", ["../outside/secret.jpg", "sub/../../outside/secret.jpg", "..", "../../../etc/passwd"]
 )
