@@ -3,7 +3,7 @@ kept inside the trust boundary, connections reused, and fetches run ahead of the
 
 ``actors.media_policy`` decides whether a row may reach a URL; this module reads it:
 
-- ``s3://`` through ``pyarrow.fs.S3FileSystem`` (``pipelines.storage``: the job's endpoint and region,
+- ``s3://`` through ``pyarrow.fs.S3FileSystem`` (``schemas.storage``: the job's endpoint and region,
   credentials from the AWS SDK's usual chain), with ``media.remote_timeout_s`` as the request's timeout and
   ``media.remote_attempts`` as the SDK's retry attempts (throttling, 5xx, resets; exponential backoff);
 - ``http(s)://`` through one ``urllib3.PoolManager`` per CPU actor (kept-alive connections), with the
@@ -124,8 +124,8 @@ class RemoteFetcher:
         return _raise_exhausted(kind, shown, last, self.attempts, self.timeout_s)
 
     def _fetch_s3(self, url: str, shown: str, kind: str) -> bytes:
-        from pipelines.storage import filesystem_for
         from schemas.errors import JobError
+        from schemas.storage import filesystem_for
 
         try:
             fs, path = filesystem_for(url, self.storage)  # the SDK retries transient errors itself
