@@ -219,7 +219,7 @@ def bench_gpu_actor(inputs, seconds, engine_ms_per_row: float) -> dict:
     import torch
 
     from actors.engines.contract import EngineRequest
-    from actors.engines.vllm_engine import engine_prompt
+    from actors.engines.vllm.engine import engine_prompt
     from actors.features import crops_from_canvas, image_canvas
     from actors.generate import prepared_rows
     from actors.media import decode_audio, decode_image
@@ -283,7 +283,7 @@ def bench_vllm_input_processing(inputs, seconds, engine_ms_per_row: float) -> di
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from actors.engines.contract import EngineRequest
-    from actors.engines.vllm_engine import Engine, engine_prompt
+    from actors.engines.vllm.engine import Engine, engine_prompt
     from actors.generate import run_init_hook
     from actors.media import decode_audio, decode_image
     from actors.preprocess import PreprocessRows

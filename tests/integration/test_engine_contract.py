@@ -13,7 +13,7 @@ import soundfile as sf
 from PIL import Image
 
 from actors.engines.contract import EngineRequest
-from actors.engines.vllm_engine import engine_prompt
+from actors.engines.vllm.engine import engine_prompt
 from actors.generate import GenerateRows
 from actors.preprocess import PreprocessRows
 from schemas.rows import MEDIA_STRUCT

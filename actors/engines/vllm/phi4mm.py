@@ -12,7 +12,7 @@ The audio features are already what the model consumes; the flag picks the audio
 canvas is finished on the model's device by ``crops_from_canvas``: the original processor's
 ToTensor/Normalize, 448 px tiling and bicubic global view.
 Raw media still work (dummy inputs for profiling use them). Imports vLLM and torch: load it only in the
-GPU actor, through ``actors.engines.vllm_plugin.register``.
+GPU actor, through ``actors.engines.vllm.plugin.register``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from actors.engines.contract import EngineRequest, EngineResult, effective_sampling, warm_up
-from actors.engines.transformers_annotation import Grammars, Loops, StepLogprobs
+from actors.engines.transformers.annotation import Grammars, Loops, StepLogprobs
 from actors.features import MASK_SIDE, crops_from_canvas, tensor_view
 from actors.output_check import logprob_summary
 from actors.tokens import audio_tokens_for_frames
@@ -42,9 +42,9 @@ def load_model(config: JobConfig, device: str, dtype: torch.dtype):
     set, else the checkpoint's), in eval mode on ``device``."""
     from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
 
-    from actors.engines import transformers_patches
+    from actors.engines.transformers import patches
 
-    transformers_patches.apply()
+    patches.apply()
     path = config.model.path
     if config.model.load_format == "dummy":  # random weights of the checkpoint's shapes, made on the device
         torch.manual_seed(config.engine.seed)
