@@ -1,11 +1,11 @@
 """The CPU stage: input rows -> prepared rows (the model's media inputs, prompt, exact token count) or
-error rows. Media leave this stage as what the model consumes (``actors.features``), not as files.
+error rows. Media leave this stage as what the model consumes (``actors.media.features``), not as files.
 
 ``PreprocessRows`` is a plain callable class: ``PreprocessRows(config)(pyarrow_table) -> pyarrow_table``.
 It never raises for a bad row and returns exactly one prepared row per input row, in order.
 
 Rows are untrusted (docs/security.md, "Security: rows are untrusted"): media paths stay inside the trust boundary
-(``actors.media_policy``), media sizes are capped before decoding (``actors.media``), and each row has a
+(``actors.media.policy``), media sizes are capped before decoding (``actors.media.decode``), and each row has a
 time limit (``RowTimer``).
 """
 
@@ -24,9 +24,8 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from actors.attempts import AttemptLedger
-from actors.chunks import chunk_waveform
-from actors.features import image_canvas, log_mel
-from actors.media import (
+from actors.media.chunks import chunk_waveform
+from actors.media.decode import (
     DecodedImage,
     MediaSource,
     as_items,
@@ -39,6 +38,7 @@ from actors.media import (
     load_bytes,
     remote_media,
 )
+from actors.media.features import image_canvas, log_mel
 from actors.multitask import jobs_reads, task_entry
 from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of, task_instruction
 from actors.row_timer import RowTimer
@@ -66,7 +66,7 @@ def load_tokenizer(config: JobConfig):
 
 
 def prepared_image(image: DecodedImage, dynamic_hd: int, where: str = "") -> dict:
-    """A decoded image -> its ``PREPARED_IMAGE`` value (see ``actors.features``)."""
+    """A decoded image -> its ``PREPARED_IMAGE`` value (see ``actors.media.features``)."""
     canvas = image_canvas(image.image, dynamic_hd, where, size=(image.width, image.height))
     height, width = canvas.pixels.shape[:2]
     return {

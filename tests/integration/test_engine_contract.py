@@ -219,7 +219,7 @@ def test_prepared_media_reach_the_model_as_its_own_processing_would(config, gene
     vision and audio towers."""
     import soundfile as sf
 
-    from actors.media import decode_image
+    from actors.media.decode import decode_image
 
     engine = generate.engine
     photo = decode_image((MEDIA / "coffee.jpg").read_bytes(), "coffee", 10**8).image.resize((700, 300))

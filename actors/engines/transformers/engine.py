@@ -6,7 +6,7 @@ A call's requests are grouped by adapter (the routing rule of ``schemas.model.PH
 image and image+audio rows run with vision-lora, audio-only rows with speech-lora, text rows with none)
 and by sampling, and each group runs as left-padded batched ``generate`` calls of at most
 ``engine.max_num_seqs`` rows. The model takes the CPU stage's prepared media as the checkpoint's
-processor would hand them over: each image's crops (``actors.features.crops_from_canvas``), its patch
+processor would hand them over: each image's crops (``actors.media.features.crops_from_canvas``), its patch
 masks and canvas size, each clip's log-mel features; the prompt's media tags expand into the
 checkpoint's placeholder tokens, as the processor expands them. Token accounting is vLLM's: the prompt
 with its placeholders, and generated tokens up to and including the end token or the one that completes
@@ -25,7 +25,7 @@ import torch
 
 from actors.engines.contract import EngineRequest, EngineResult, effective_sampling, warm_up
 from actors.engines.transformers.annotation import Grammars, Loops, StepLogprobs
-from actors.features import MASK_SIDE, crops_from_canvas, tensor_view
+from actors.media.features import MASK_SIDE, crops_from_canvas, tensor_view
 from actors.output_check import logprob_summary
 from actors.tokens import audio_tokens_for_frames
 from schemas.annotation import CHOICE_LOGPROBS, first_loop, repetition_rule

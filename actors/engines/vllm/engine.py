@@ -16,7 +16,7 @@ from actors.engines.vllm.annotation import annotation_params, confidence_of
 from actors.engines.vllm.loop import EngineLoop, LoopStats
 from actors.engines.vllm.plugin import PREPARED_ARCHITECTURE, register
 from actors.engines.vllm.stats import attach, requests_held
-from actors.features import MASK_SIDE, tensor_view
+from actors.media.features import MASK_SIDE, tensor_view
 from schemas.job import JobConfig
 from schemas.model import Adapter
 

@@ -1,7 +1,7 @@
 """Remote media fetched with a policy: time limits, bounded retries, a size cap while streaming, redirects
 kept inside the trust boundary, connections reused, and fetches run ahead of the rows that need them.
 
-``actors.media_policy`` decides whether a row may reach a URL; this module reads it:
+``actors.media.policy`` decides whether a row may reach a URL; this module reads it:
 
 - ``s3://`` through ``pyarrow.fs.S3FileSystem`` (``schemas.storage``: the job's endpoint and region,
   credentials from the AWS SDK's usual chain), with ``media.remote_timeout_s`` as the request's timeout and
@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urljoin
 
+from actors.media.limits import check_media_size
 from schemas.job import StorageConfig
 from schemas.redact import redact
 from schemas.rows import ErrorCode, RowError
@@ -268,8 +269,6 @@ class RemoteFetcher:
 
 
 def _check_size(size: int, max_bytes: int, kind: str, shown: str, exact: bool = True) -> None:
-    from actors.media_policy import check_media_size
-
     check_media_size(size, max_bytes, kind, repr(shown), exact=exact)
 
 
