@@ -39,6 +39,8 @@ def test_reads_are_timed_as_the_rows_see_them_and_the_reader_is_put_back():
     read = actors.media.decode.read_media_path
     with remote.timed_reads([]) as waits:
         with pytest.raises(RowError):
-            actors.media.decode.read_media_path("/nowhere/x.jpg", MediaSource(media_root="/elsewhere"), "image")
+            actors.media.decode.read_media_path(
+                "/nowhere/x.jpg", MediaSource(media_root="/elsewhere"), "image"
+            )
     assert len(waits) == 1 and waits[0] >= 0
     assert actors.media.decode.read_media_path is read
