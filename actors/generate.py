@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from actors.attempts import QUARANTINE_AFTER, AttemptLedger, LocalAttemptLedger
-from actors.chunks import stitch_texts
 from actors.engines import build_engine
 from actors.engines.contract import EngineFactory, EngineRequest, EngineResult
+from actors.media.chunks import stitch_texts
 from actors.multitask import finish_row, run_task_rows
 from actors.output_check import choice_probs, verdict
 from schemas.job import JobConfig

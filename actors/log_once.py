@@ -7,7 +7,7 @@ engine start, each naming another module of the same towers. Each such warning k
 occurrence, marked so that a reader knows later ones are hidden; every other log line is untouched.
 
 ``show_repeated_warnings_once()`` installs the filter on the loggers that emit them; the vLLM plugin
-(``actors.engines.vllm_plugin.register``) calls it, so it runs in every process that builds an engine.
+(``actors.engines.vllm.plugin.register``) calls it, so it runs in every process that builds an engine.
 """
 
 from __future__ import annotations

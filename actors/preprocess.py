@@ -1,11 +1,11 @@
 """The CPU stage: input rows -> prepared rows (the model's media inputs, prompt, exact token count) or
-error rows. Media leave this stage as what the model consumes (``actors.features``), not as files.
+error rows. Media leave this stage as what the model consumes (``actors.media.features``), not as files.
 
 ``PreprocessRows`` is a plain callable class: ``PreprocessRows(config)(pyarrow_table) -> pyarrow_table``.
 It never raises for a bad row and returns exactly one prepared row per input row, in order.
 
 Rows are untrusted (docs/security.md, "Security: rows are untrusted"): media paths stay inside the trust boundary
-(``actors.media_policy``), media sizes are capped before decoding (``actors.media``), and each row has a
+(``actors.media.policy``), media sizes are capped before decoding (``actors.media.decode``), and each row has a
 time limit (``RowTimer``).
 """
 
@@ -24,9 +24,8 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from actors.attempts import AttemptLedger
-from actors.chunks import chunk_waveform
-from actors.features import image_canvas, log_mel
-from actors.media import (
+from actors.media.chunks import chunk_waveform
+from actors.media.decode import (
     DecodedImage,
     MediaSource,
     as_items,
@@ -39,6 +38,7 @@ from actors.media import (
     load_bytes,
     remote_media,
 )
+from actors.media.features import image_canvas, log_mel
 from actors.multitask import jobs_reads, task_entry
 from actors.prompt import PromptTokenCounter, build_prompt, instruction_for, modality_of, task_instruction
 from actors.row_timer import RowTimer
@@ -66,7 +66,7 @@ def load_tokenizer(config: JobConfig):
 
 
 def prepared_image(image: DecodedImage, dynamic_hd: int, where: str = "") -> dict:
-    """A decoded image -> its ``PREPARED_IMAGE`` value (see ``actors.features``)."""
+    """A decoded image -> its ``PREPARED_IMAGE`` value (see ``actors.media.features``)."""
     canvas = image_canvas(image.image, dynamic_hd, where, size=(image.width, image.height))
     height, width = canvas.pixels.shape[:2]
     return {
@@ -176,26 +176,81 @@ class PreprocessRows:
         return out
 
     def _prepare_into(self, row: dict, out: dict) -> None:
-        cols, media_cfg, engine, task = self.columns, self.config.media, self.config.engine, self.config.task
+        """The row's steps, in order: each raises ``RowError`` for the whole row; with several tasks, a task
+        that cannot run is that task's error, and the row is an error of every task when none can."""
         tasks = self.config.tasks
-        reads = task.reads if task else jobs_reads(tasks)  # a task reads only the media it asks about
+        image_items, audio_items, user_text = self._media_items(row)
+        instruction, instructions = self._instructions(row, image_items, audio_items)
+        if tasks and instruction is None:
+            out["tasks"] = [task_entry(name, error=e) for name, e in instructions.items()]
+            return
+        self._check_row_shape(image_items, audio_items, instruction or user_text)
+        images = self._decode_images(image_items, out)
+        audios = self._decode_audios(row, audio_items)
+        prompts = self._task_prompts(instructions, len(images), len(audios))
+        if tasks and not prompts:
+            out["tasks"] = [task_entry(name, error=e) for name, e in instructions.items()]
+            return
+        prompt = self._row_prompt(prompts, instruction, user_text, len(images), len(audios))
+        self._read_sampling(row, out)
+        out["structured"] = self._read_structured(row)
+        clips, chunked = self._clips(images, audios)
+        images, counts = self._fit_budget(prompt, images, clips, chunked, out)
+        if tasks:
+            # the longest prompt is counted already, with the row's final media (one request unless chunked)
+            known = {} if chunked else {prompt: counts[0]}
+            out["tasks"] = [
+                self._task_entry(
+                    name, prompts.get(name), instructions[name], images, clips, out["max_tokens"], known
+                )
+                for name in tasks
+            ]
+            prompt, counts = None, [sum(t["prompt_tokens"] or 0 for t in out["tasks"])]
+        out.update(
+            prompt=prompt,
+            images=[
+                prepared_image(im, self.config.engine.dynamic_hd, f"#{n}")
+                for n, im in enumerate(images, start=1)
+            ],
+            audios=[prepared_audio(clip, with_images=bool(images)) for clip in clips],
+            audio_chunks=len(clips) if chunked else None,
+            adapter=PHI4MM.adapter_for(len(images), len(audios)) if self.config.model.use_lora else None,
+            prompt_tokens=sum(counts),
+            num_images=len(images),
+            num_audios=len(audios),
+            audio_seconds=sum(a.seconds for a in audios),
+        )
+
+    def _media_items(self, row: dict) -> tuple[list, list, object]:
+        """The row's image and audio items the job reads (a task reads only the media it asks about), and
+        its prompt column's value when no task replaces it."""
+        cols, task, tasks = self.columns, self.config.task, self.config.tasks
+        reads = task.reads if task else jobs_reads(tasks)
         image_items = as_items(row.get(cols.image)) if cols.image and reads != "audio" else []
         audio_items = as_items(row.get(cols.audio)) if cols.audio and reads != "image" else []
         user_text = row.get(cols.prompt) if cols.prompt and not (task or tasks) else None
-        instruction, instructions = None, {}
+        return image_items, audio_items, user_text
+
+    def _instructions(self, row: dict, image_items: list, audio_items: list) -> tuple[str | None, dict]:
+        """The task's instruction (None without one; with several tasks, the first that can run, None when
+        none can) and, with several tasks, each one's instruction or error. Before decoding: a missing cell
+        costs nothing."""
+        task, tasks = self.config.task, self.config.tasks
         if task:
             self._check_task_media(task, image_items, audio_items)
-            instruction = task_instruction(task, row)  # before decoding: a missing cell costs nothing
-        if tasks:  # a task that cannot run on this row is that task's error, not the row's
+            return task_instruction(task, row), {}
+        if tasks:
             instructions = {
                 name: self._try_task(t, row, image_items, audio_items) for name, t in tasks.items()
             }
             good = [i for i in instructions.values() if isinstance(i, str)]
-            if not good:
-                out["tasks"] = [task_entry(name, error=e) for name, e in instructions.items()]
-                return
-            instruction = good[0]
-        self._check_row_shape(image_items, audio_items, instruction or user_text)
+            return (good[0] if good else None), instructions
+        return None, {}
+
+    def _decode_images(self, image_items: list, out: dict) -> list[DecodedImage]:
+        """The row's pictures decoded (at a reduced JPEG scale where it still covers the crop grid), and
+        letterboxed with ``media.image_aspect: pad`` (noted in ``out``'s media_adjustments)."""
+        media_cfg = self.config.media
         reduce_to = self._fitted_size if media_cfg.fast_jpeg_decode else None
         images = [
             decode_image(
@@ -209,8 +264,13 @@ class PreprocessRows:
         if media_cfg.image_aspect == "pad":
             images, padded = self._letterboxed(images)
             out["media_adjustments"] = padded
+        return images
+
+    def _decode_audios(self, row: dict, audio_items: list) -> list:
+        """The row's clips decoded to 16 kHz mono (a float array with the row's sampling-rate column)."""
+        media_cfg, cols = self.config.media, self.columns
         rate = row.get(cols.sampling_rate) if cols.sampling_rate else None
-        audios = [
+        return [
             load_audio(
                 item,
                 self.source,
@@ -221,37 +281,48 @@ class PreprocessRows:
             )
             for item in audio_items
         ]
-        modality = modality_of(len(images), len(audios))
-        # the same media tags first in every task's prompt: the engine's prefix and encoder caches are shared
+
+    def _task_prompts(self, instructions: dict, num_images: int, num_audios: int) -> dict[str, str]:
+        """Each task's prompt, the same media tags first in every one (the engine's prefix and encoder caches
+        are shared); a task whose prompt is refused gets that error in ``instructions``."""
         prompts = {}
         for name, i in instructions.items():
             try:
                 if isinstance(i, str):
-                    prompts[name] = self._prompt(i, len(images), len(audios))
+                    prompts[name] = self._prompt(i, num_images, num_audios)
             except RowError as e:  # that task's error only
                 instructions[name] = e
-        if tasks and not prompts:
-            out["tasks"] = [task_entry(name, error=e) for name, e in instructions.items()]
-            return
-        prompt = (
-            max(prompts.values(), key=len)
-            if tasks
-            else self._prompt(
-                instruction or instruction_for(user_text, modality, self.config.prompt),
-                len(images),
-                len(audios),
-            )
-        )  # with tasks, the longest prompt decides whether images are downscaled to fit
-        self._read_sampling(row, out)
-        out["structured"] = self._read_structured(row)
-        budget = engine.max_model_len - self.config.max_tokens(out["max_tokens"])
+        return prompts
+
+    def _row_prompt(self, prompts: dict, instruction, user_text, num_images: int, num_audios: int) -> str:
+        """The prompt the token budget is checked with: the row's own, or with tasks the longest one (it
+        decides whether images are downscaled to fit)."""
+        if self.config.tasks:
+            return max(prompts.values(), key=len)
+        modality = modality_of(num_images, num_audios)
+        text = instruction or instruction_for(user_text, modality, self.config.prompt)
+        return self._prompt(text, num_images, num_audios)
+
+    def _clips(self, images: list, audios: list) -> tuple[list, bool]:
+        """The clips the engine gets, and whether they are one long clip's windows (``media.long_audio:
+        chunk``: an audio-only row with one clip longer than a window)."""
+        media_cfg = self.config.media
         clips = [a.samples for a in audios]
-        chunked = media_cfg.long_audio == "chunk" and not images and len(audios) == 1
-        if chunked:
+        if media_cfg.long_audio == "chunk" and not images and len(audios) == 1:
             clips = chunk_waveform(
                 audios[0].samples, media_cfg.chunk_seconds, media_cfg.chunk_overlap_seconds
             )
-            chunked = len(clips) > 1
+            return clips, len(clips) > 1
+        return clips, False
+
+    def _fit_budget(
+        self, prompt: str, images: list, clips: list, chunked: bool, out: dict
+    ) -> tuple[list, list]:
+        """The row's images (downscaled to fit with ``media.image_over_budget: downscale``) and the token
+        count of each request; ``PROMPT_TOO_LONG`` when a request is still over the budget (without tasks:
+        a task over it is that task's error)."""
+        media_cfg, engine = self.config.media, self.config.engine
+        budget = engine.max_model_len - self.config.max_tokens(out["max_tokens"])
         # A chunked row is one request per window: each window's prompt must fit on its own.
         requests = [[clip] for clip in clips] if chunked else [clips]
         counts = [self._count(prompt, _sizes(images), r) for r in requests]
@@ -259,7 +330,7 @@ class PreprocessRows:
             images, downscaled = self._downscale_to_fit(prompt, images, clips, budget)
             out["media_adjustments"] = "; ".join(filter(None, [out["media_adjustments"], downscaled])) or None
             counts = [self._count(prompt, _sizes(images), clips)]
-        if max(counts) > budget and not tasks:
+        if max(counts) > budget and not self.config.tasks:
             what = "its longest window takes" if chunked else "the prompt takes"
             raise RowError(
                 ErrorCode.PROMPT_TOO_LONG,
@@ -268,28 +339,7 @@ class PreprocessRows:
                 "Try a smaller engine.dynamic_hd or media.image_over_budget: downscale, shorter audio or "
                 "media.long_audio: chunk, a lower max_tokens, or a larger max_model_len.",
             )
-        adapter = PHI4MM.adapter_for(len(images), len(audios)) if self.config.model.use_lora else None
-        if tasks:
-            # the longest prompt is counted already, with the row's final media (one request unless chunked)
-            known = {} if chunked else {prompt: counts[0]}
-            out["tasks"] = [
-                self._task_entry(
-                    name, prompts.get(name), instructions[name], images, clips, out["max_tokens"], known
-                )
-                for name in tasks
-            ]
-            prompt, counts = None, [sum(t["prompt_tokens"] or 0 for t in out["tasks"])]
-        out.update(
-            prompt=prompt,
-            images=[prepared_image(im, engine.dynamic_hd, f"#{n}") for n, im in enumerate(images, start=1)],
-            audios=[prepared_audio(clip, with_images=bool(images)) for clip in clips],
-            audio_chunks=len(clips) if chunked else None,
-            adapter=adapter,
-            prompt_tokens=sum(counts),
-            num_images=len(images),
-            num_audios=len(audios),
-            audio_seconds=sum(a.seconds for a in audios),
-        )
+        return images, counts
 
     def _fitted_size(self, width: int, height: int) -> tuple[int, int]:
         """The size the picture's own pixels end up at in the canvas (what a reduced-scale decode needs)."""

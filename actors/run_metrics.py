@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from schemas.rows import Status
 
-ENGINE_GAUGES = {  # gauge name -> the engine work figure it shows (actors.engines.vllm_stats)
+ENGINE_GAUGES = {  # gauge name -> the engine work figure it shows (actors.engines.vllm.stats)
     "phi4mm_engine_kv_cache_tokens": ("kv_cache_tokens", "KV cache size of the engine, in tokens"),
     "phi4mm_engine_kv_cache_usage_peak": ("kv_cache_usage_max", "Highest share of the KV cache in use"),
     "phi4mm_engine_waiting_peak": ("waiting_max", "Most requests waiting for the engine at once"),

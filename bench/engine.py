@@ -44,7 +44,7 @@ def main(argv=None) -> None:
 
     from vllm import LLM, SamplingParams
 
-    from actors.engines.vllm_loop import EngineLoop
+    from actors.engines.vllm.loop import EngineLoop
     from jobs.make_tiny_model import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tempfile.mkdtemp(prefix="tiny-phi4mm-"))

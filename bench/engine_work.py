@@ -10,10 +10,10 @@ goes through the CPU stage once (``bench.gpu_run.prepare_all``) and is cached in
 every arm gets the same prepared inputs and no arm pays for preparation.
 
 Each arm runs in a fresh process (its engine's memory its own; compile caches shared, so only the first arm
-compiles cold): the engine as the GPU actor builds it (``actors.engines.vllm_engine.engine_kwargs`` with the
+compiles cold): the engine as the GPU actor builds it (``actors.engines.vllm.engine.engine_kwargs`` with the
 arm's settings) is handed every row at once and stepped to the end in one thread, as the actor's loop does.
 Per arm: rows/s and tokens/s from the first request to the last answer, GPU busy (nvidia-smi), and the
-engine's useful-work figures (``actors.engines.vllm_stats``: KV cache size, running against waiting,
+engine's useful-work figures (``actors.engines.vllm.stats``: KV cache size, running against waiting,
 preemptions, cache hits, tokens per second of step). The FLOP estimate counts 2 x parameters per token for
 the language model (prompt and generated tokens) and per encoder input for each encoder (the vision tower's
 patches, the audio encoder's frames), against the card's dense bf16 rate: an estimate, not a count.
@@ -145,9 +145,9 @@ def run_arm(name: str, config_path: Path, prepared: Path, profile_steps: int, re
     """One arm, in this process: the engine, every row at once, stepped to the end."""
     import pyarrow as pa
 
-    from actors.engines.vllm_engine import engine_kwargs, engine_prompt
-    from actors.engines.vllm_plugin import register
-    from actors.engines.vllm_stats import attach
+    from actors.engines.vllm.engine import engine_kwargs, engine_prompt
+    from actors.engines.vllm.plugin import register
+    from actors.engines.vllm.stats import attach
     from actors.generate import run_init_hook
     from bench.plain_vllm import lora_requests, sampling_params
     from schemas.job import JobConfig

@@ -73,8 +73,8 @@ def _with_fresh_keys(prompt: dict, suffix: str) -> dict:
 
 def run_engine(config: JobConfig, marks: dict, lora_cost_rows: int) -> dict:
     from actors.engines.contract import EngineRequest
-    from actors.engines.vllm_engine import engine_kwargs, engine_prompt
-    from actors.engines.vllm_plugin import register
+    from actors.engines.vllm.engine import engine_kwargs, engine_prompt
+    from actors.engines.vllm.plugin import register
     from actors.generate import prepared_rows, run_init_hook
     from bench.plain_vllm import lora_requests, sampling_params
 

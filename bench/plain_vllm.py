@@ -83,7 +83,7 @@ def run(config: JobConfig, marks: dict, chunk_rows: int = 0) -> dict:
     decoded first, then the engine started and one ``generate``)."""
     from vllm import LLM
 
-    from actors.engines.vllm_engine import engine_kwargs
+    from actors.engines.vllm.engine import engine_kwargs
 
     root = Path(config.input.path)
     root = root if root.is_dir() else root.parent

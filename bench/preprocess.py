@@ -13,7 +13,7 @@ Figures (throughput ones from interleaved rounds, the median of 5; see ``rates``
   + mono + resample to 16 kHz + features + cache key, from the file's bytes.
 - gpu_actor.*: media work left in the GPU actor's process per row: turning a prepared Arrow batch into
   the engine's prompts and tensors (zero-copy views), and finishing the canvas into normalized crops and
-  the global view (``actors.features.crops_from_canvas``; on a GPU it runs on the device, and its CPU
+  the global view (``actors.media.features.crops_from_canvas``; on a GPU it runs on the device, and its CPU
   time is the launching). ``cpu_share_of_row`` weighs the CPU time against --engine-ms-per-row. With
   --engine (vLLM installed): the CPU time of vLLM's own input processing per request
   (``LLMEngine.add_request``), prepared inputs against raw media, on the tiny checkpoint.
@@ -103,15 +103,15 @@ def cpu_ms(fn, seconds: float) -> float:
 
 
 def _audio_seconds(data: bytes) -> float:
-    from actors.media import decode_audio
+    from actors.media.decode import decode_audio
 
     return decode_audio(data, "bench", 0.025, 3600).seconds
 
 
 def cpu_stage_workloads(inputs) -> dict[str, tuple]:
     """name -> (call, units per call, unit) for the CPU stage's throughput figures."""
-    from actors.features import image_canvas, log_mel
-    from actors.media import decode_audio, decode_image
+    from actors.media.decode import decode_audio, decode_image
+    from actors.media.features import image_canvas, log_mel
     from actors.preprocess import prepared_audio, prepared_image
     from actors.tokens import fitted_size
 
@@ -152,8 +152,8 @@ def peer_workloads(inputs) -> tuple[dict[str, tuple], dict]:
         torch.set_num_threads(1)
     except ImportError:
         return {}, {"peer.error": "torch is not installed"}
-    from actors.features import crops_from_canvas, image_canvas, log_mel
-    from actors.media import decode_audio, decode_image
+    from actors.media.decode import decode_audio, decode_image
+    from actors.media.features import crops_from_canvas, image_canvas, log_mel
 
     jpeg, camera = inputs["jpeg_1080p"], inputs["jpeg_12mp"]
     try:
@@ -219,10 +219,10 @@ def bench_gpu_actor(inputs, seconds, engine_ms_per_row: float) -> dict:
     import torch
 
     from actors.engines.contract import EngineRequest
-    from actors.engines.vllm_engine import engine_prompt
-    from actors.features import crops_from_canvas, image_canvas
+    from actors.engines.vllm.engine import engine_prompt
     from actors.generate import prepared_rows
-    from actors.media import decode_audio, decode_image
+    from actors.media.decode import decode_audio, decode_image
+    from actors.media.features import crops_from_canvas, image_canvas
     from actors.preprocess import prepared_audio, prepared_image
     from schemas.rows import PREPARED_SCHEMA, empty_prepared_row
 
@@ -283,9 +283,9 @@ def bench_vllm_input_processing(inputs, seconds, engine_ms_per_row: float) -> di
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from actors.engines.contract import EngineRequest
-    from actors.engines.vllm_engine import Engine, engine_prompt
+    from actors.engines.vllm.engine import Engine, engine_prompt
     from actors.generate import run_init_hook
-    from actors.media import decode_audio, decode_image
+    from actors.media.decode import decode_audio, decode_image
     from actors.preprocess import PreprocessRows
     from jobs.make_tiny_model import write_tiny_checkpoint
     from schemas.job import JobConfig

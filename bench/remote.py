@@ -15,7 +15,7 @@ the same media files are read:
   ``storage.s3_endpoint``. ``<delay>``: the server's ``delay_s`` knob, added to every request (an item
   is a HEAD and a GET, so twice that per item): 0 is a store next door, 50 ms and 200 ms are slow or
   distant stores. ``c<N>``: ``media.remote_concurrency``, the items a CPU actor fetches at once ahead of
-  its rows (``actors.media_fetch.RemoteFetcher.prefetch``; the default and the other values given);
+  its rows (``actors.media.fetch.RemoteFetcher.prefetch``; the default and the other values given);
   ``c1`` fetches one item at a time, still ahead of the rows, which is what no concurrent prefetch
   would give at best.
 
@@ -113,9 +113,9 @@ def _config(data: Path, model: Path, media_root: str, endpoint: str | None, conc
 def timed_reads(waits: list[float]):
     """Appends to ``waits`` the seconds each media item's read took as its row saw it (``read_media_path``
     as the CPU stage calls it: a local read, or the wait for a fetch that may have started ahead)."""
-    import actors.media
+    import actors.media.decode
 
-    read = actors.media.read_media_path
+    read = actors.media.decode.read_media_path
 
     def timed(*args, **kwargs):
         started = time.perf_counter()
@@ -124,11 +124,11 @@ def timed_reads(waits: list[float]):
         finally:
             waits.append(time.perf_counter() - started)
 
-    actors.media.read_media_path = timed
+    actors.media.decode.read_media_path = timed
     try:
         yield waits
     finally:
-        actors.media.read_media_path = read
+        actors.media.decode.read_media_path = read
 
 
 def run_side(config, batches: list[pa.Table]) -> dict:

@@ -1,4 +1,4 @@
-"""What structured outputs cost: the project's vLLM engine (actors/engines/vllm_engine.py) on the tiny
+"""What structured outputs cost: the project's vLLM engine (actors/engines/vllm/engine.py) on the tiny
 checkpoint with its byte-level tokenizer, free text against a choice list, a regex and a JSON schema.
 Writes bench/results/structured-<host>.json (``--out``: elsewhere).
 

@@ -25,10 +25,10 @@ from pydantic import ValidationError
 
 from jobs.run import EXIT_JOB_ERROR, SET_OPTION, _Parser, error_line, validation_lines
 from pipelines.provenance import config_hash
-from pipelines.storage import filesystem_for
 from schemas.errors import JobError
 from schemas.job import JobConfig
 from schemas.redact import redact
+from schemas.storage import filesystem_for
 
 
 def read_manifest(path: str) -> dict:

@@ -270,7 +270,7 @@ def write_full_size_checkpoint(
     """Write the checkpoint into ``out_dir`` (created if missing) and return its path.
 
     ``lora_weights=False`` writes each adapter's adapter_config.json only (enough for config checks and
-    ``actors.engines.vllm_engine.lora_rank_of``, not for serving with LoRA), sparing the ~1.6 GB of weights."""
+    ``actors.engines.vllm.engine.lora_rank_of``, not for serving with LoRA), sparing the ~1.6 GB of weights."""
     out = Path(out_dir)
     write_shared_files(out, dynamic_hd)
     (out / "config.json").write_text(json.dumps(model_config(), indent=2) + "\n")

@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from actors.engines.vllm_stats import work_line
+from actors.engines.vllm.stats import work_line
 from pipelines.lock import OutputLock
 from pipelines.validate import validate_job
 from schemas.errors import JobError

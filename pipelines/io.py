@@ -47,11 +47,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.ids import IdColumn, array_batches, id_strings, partition
-from pipelines.storage import filesystem_for, is_object_store
 from schemas.errors import JobError
 from schemas.job import OutputConfig
 from schemas.multitask import TASK_PREFIX
 from schemas.output import OutputShape
+from schemas.storage import filesystem_for, is_object_store
 
 logger = logging.getLogger(__name__)
 

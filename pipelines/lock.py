@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
 
-from pipelines.storage import filesystem_for, unwritable
 from schemas.errors import JobError
+from schemas.storage import filesystem_for, unwritable
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,6 @@ from pipelines.progress_plot import progress_png
 from pipelines.provenance import provenance
 from pipelines.retry import RetryPlan, commit_retry, parts_after, retry_of, stage_kept_rows, without
 from pipelines.spec import StageSpec, apply
-from pipelines.storage import filesystem_for, use
 from pipelines.validate import (
     JobPlan,
     check_input_columns,
@@ -49,6 +48,7 @@ from pipelines.validate import (
 from schemas.job import JobConfig, pool_bounds
 from schemas.output import OutputShape, TypedColumn
 from schemas.redact import redact
+from schemas.storage import filesystem_for, use
 
 logger = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ class ProgressMonitor:
     def engines_part(self) -> str:
         """``; engines: 1 up, 1 starting for 35 s, KV peak 63%, waiting max 40, preempted 3`` from what the
         GPU actors last reported: an actor says when its engine began starting, then its engine's stats
-        (vLLM's useful-work figures, ``actors.engines.vllm_stats``). Empty before any actor reported."""
+        (vLLM's useful-work figures, ``actors.engines.vllm.stats``). Empty before any actor reported."""
         try:
             engines = list((self.engines() if self.engines else {}).values())
         except Exception as e:  # the ledger briefly unreachable: the line without it

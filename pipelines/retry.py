@@ -44,8 +44,8 @@ from pipelines.io import (
     part_name,
     staging_name,
 )
-from pipelines.storage import filesystem_for
 from schemas.job import OutputConfig
+from schemas.storage import filesystem_for
 
 RETRY_MODE = "retry"  # the commit marker's mode (pipelines.io.SWAPPING_MODES)
 KEPT_WRITER = 999_999  # part_name's writer index for rewritten parts: past any writer's (pipelines.writer)

@@ -28,7 +28,12 @@ import pyarrow.parquet as pq
 from actors.engines.adapters import adapter_rank, resolve_adapters
 from pipelines.ids import IdColumn, IdReadError, partition, shown
 from pipelines.io import check_output_mode, check_run_id_unused
-from pipelines.storage import (
+from schemas.adapters import ADAPTERS, CONFIG_FILE, engine_lora_rank
+from schemas.errors import JobError
+from schemas.job import JobConfig, ModelConfig
+from schemas.model import PHI4MM, Adapter
+from schemas.redact import redact
+from schemas.storage import (
     filesystem_for,
     is_object_store,
     location,
@@ -37,11 +42,6 @@ from pipelines.storage import (
     use,
     within,
 )
-from schemas.adapters import ADAPTERS, CONFIG_FILE, engine_lora_rank
-from schemas.errors import JobError
-from schemas.job import JobConfig, ModelConfig
-from schemas.model import PHI4MM, Adapter
-from schemas.redact import redact
 from schemas.task import TaskConfig
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def validate_job(config: JobConfig, run_id: str | None = None, writes: bool = Tr
     folder, the input's files and columns, the output), then the slow ones (remote adapters copied, the
     input's ids read). With ``run_id``, also refuses a run id the output already holds parts of.
     ``writes``: the job will write its output (not a dry run), so a local output must be writable."""
-    use(config.storage)  # this process's s3:// endpoint, region, timeouts (pipelines.storage)
+    use(config.storage)  # this process's s3:// endpoint, region, timeouts (schemas.storage)
     check_model(config.model)
     fs, files = input_files(config.input.path)
     schema, rows = input_schema(fs, files, config.input.path)

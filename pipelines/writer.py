@@ -28,9 +28,9 @@ import pyarrow as pa
 
 from pipelines.io import WriteStats, write_part_files
 from pipelines.spec import on_driver_node
-from pipelines.storage import use
 from schemas.job import OutputConfig, StorageConfig
 from schemas.output import OutputShape
+from schemas.storage import use
 
 WRITERS = 1  # writing a part takes milliseconds per thousand rows: one writer keeps up with any engine pool
 MAX_BLOCKS_IN_FLIGHT = 4  # blocks handed to the writer and not yet taken in: the driver waits beyond this

@@ -693,7 +693,7 @@ class EngineConfig(_Strict):
     backend: Literal["vllm", "transformers"] = Field(
         "vllm",
         description=(
-            "Engine of the GPU actors, the module actors/engines/<backend>_engine.py: 'vllm' (the original "
+            "Engine of the GPU actors, the package actors/engines/<backend>/: 'vllm' (the original "
             "checkpoint layout; continuous batching) or 'transformers' (transformers' Phi4MultimodalForCausalLM "
             "on a transformers-format checkpoint; batched generate per adapter). The vLLM-only settings "
             "(gpu_memory_utilization, tensor_parallel_size, executor, enforce_eager, compile_cache_dir, "

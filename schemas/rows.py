@@ -2,7 +2,7 @@
 and the output Arrow schema every job writes. Stable error codes live here too.
 
 Media columns follow Hugging Face datasets' storage type, ``struct<bytes: binary, path: string>``;
-plain ``binary`` and plain path strings are accepted as well (see ``actors.media``).
+plain ``binary`` and plain path strings are accepted as well (see ``actors.media.decode``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class RowError(Exception):
 # Media as Hugging Face datasets stores it (datasets.Image / datasets.Audio).
 MEDIA_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
-# One image as the CPU stage hands it to the GPU stage (see actors.features): the picture resized into its
+# One image as the CPU stage hands it to the GPU stage (see actors.media.features): the picture resized into its
 # grid of 448 px crops and padded, uint8 (height, width, 3) row-major; the crops' 32x32 patch masks, uint8
 # (1 + crops, 32, 32); the placeholder tokens it takes; the engine's cache key for it.
 PREPARED_IMAGE = pa.struct(

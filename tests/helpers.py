@@ -73,7 +73,7 @@ def assert_adapters_apply_per_row_in_shared_steps(engine, max_steps: int) -> Non
     """Base, vision and speech rows give three different answers, and the same rows mixed in one batch
     give each its own answer again while sharing engine steps: at most ``max_steps`` for the batch (run
     apart, base and adapter rows would need twice the steps). On the CPU this needs the fix of vLLM's LoRA
-    ops for adapter-less rows (actors.engines.vllm_cpu_lora); GPU kernels skip them."""
+    ops for adapter-less rows (actors.engines.vllm.cpu_lora); GPU kernels skip them."""
     from actors.engines.contract import EngineRequest
 
     prompt = "<|user|>tell me about the world<|end|><|assistant|>"

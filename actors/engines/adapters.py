@@ -27,7 +27,6 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipelines.storage import filesystem_for
 from schemas.adapters import (
     ADAPTERS,
     CONFIG_FILE,
@@ -40,6 +39,7 @@ from schemas.errors import JobError
 from schemas.job import ModelConfig, StorageConfig
 from schemas.model import PHI4MM, Adapter
 from schemas.redact import redact
+from schemas.storage import filesystem_for
 
 
 def default_cache_dir() -> Path:

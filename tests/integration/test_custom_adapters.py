@@ -17,9 +17,9 @@ import pytest
 from actors.engines.contract import EngineRequest
 from actors.generate import GenerateRows
 from actors.preprocess import PreprocessRows
-from pipelines import storage
 from pipelines.phi4mm import run_pipeline
 from pipelines.provenance import tree_hash
+from schemas import storage
 from schemas.job import JobConfig
 from schemas.model import PHI4MM
 from tests.helpers import MEDIA, REPO, make_config, media_table

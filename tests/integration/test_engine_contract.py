@@ -13,7 +13,7 @@ import soundfile as sf
 from PIL import Image
 
 from actors.engines.contract import EngineRequest
-from actors.engines.vllm_engine import engine_prompt
+from actors.engines.vllm.engine import engine_prompt
 from actors.generate import GenerateRows
 from actors.preprocess import PreprocessRows
 from schemas.rows import MEDIA_STRUCT
@@ -219,7 +219,7 @@ def test_prepared_media_reach_the_model_as_its_own_processing_would(config, gene
     vision and audio towers."""
     import soundfile as sf
 
-    from actors.media import decode_image
+    from actors.media.decode import decode_image
 
     engine = generate.engine
     photo = decode_image((MEDIA / "coffee.jpg").read_bytes(), "coffee", 10**8).image.resize((700, 300))

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines import storage
 from pipelines.io import committed_ids
 from pipelines.phi4mm import run_pipeline
+from schemas import storage
 from tests.helpers import MEDIA, REPO, make_config
 
 IDS = [f"r{i:03d}" for i in range(40)]

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from actors.media import prepare_waveform
+from actors.media.decode import prepare_waveform
 from actors.tokens import num_audio_tokens, num_image_tokens
 
 DYNAMIC_HD = (1, 2, 4, 9, 16, 36)

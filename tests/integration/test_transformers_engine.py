@@ -1,4 +1,4 @@
-"""The transformers backend (actors/engines/transformers_engine.py) on its tiny checkpoint, in this process:
+"""The transformers backend (actors/engines/transformers/engine.py) on its tiny checkpoint, in this process:
 what the pipeline test cannot show. Adapters really change the computation and a batch grouped by
 adapter gives each row what it gets alone; one rejected request does not sink its batch; stop strings,
 seeds and per-row max_tokens; audio beside an image gets the vision-speech projection."""
@@ -99,7 +99,7 @@ def test_audio_beside_an_image_gets_the_vision_speech_projection(config, engine)
 
 
 def test_a_batch_with_a_clip_over_the_encoders_40_s_window_runs_as_one_batch(config, engine):
-    # transformers' own unfold_tensor failed such batches (actors/engines/transformers_patches.py)
+    # transformers' own unfold_tensor failed such batches (actors/engines/transformers/patches.py)
     import io
 
     import numpy as np

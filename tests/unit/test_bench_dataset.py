@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from actors.media import MediaSource, default_media_root, load_bytes
+from actors.media.decode import MediaSource, default_media_root, load_bytes
 from bench.dataset import AUDIO_RATES, build_dataset, parse_mix
 from jobs.make_sample_data import SCHEMA
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from actors.media_policy import MediaSource
+from actors.media.policy import MediaSource
 from bench import remote
 from schemas.job import MediaConfig
 from schemas.rows import RowError
@@ -34,11 +34,13 @@ def test_figures_are_medians_over_rounds_and_relative_to_local_disk_round_by_rou
 
 
 def test_reads_are_timed_as_the_rows_see_them_and_the_reader_is_put_back():
-    import actors.media
+    import actors.media.decode
 
-    read = actors.media.read_media_path
+    read = actors.media.decode.read_media_path
     with remote.timed_reads([]) as waits:
         with pytest.raises(RowError):
-            actors.media.read_media_path("/nowhere/x.jpg", MediaSource(media_root="/elsewhere"), "image")
+            actors.media.decode.read_media_path(
+                "/nowhere/x.jpg", MediaSource(media_root="/elsewhere"), "image"
+            )
     assert len(waits) == 1 and waits[0] >= 0
-    assert actors.media.read_media_path is read
+    assert actors.media.decode.read_media_path is read

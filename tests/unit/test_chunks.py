@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from actors.chunks import chunk_waveform, stitch_texts
+from actors.media.chunks import chunk_waveform, stitch_texts
 
 SR = 16000
 

@@ -1,4 +1,4 @@
-"""The CPU LoRA fix (actors.engines.vllm_cpu_lora) against vLLM's own torch op: rows without an adapter (index -1)
+"""The CPU LoRA fix (actors.engines.vllm.cpu_lora) against vLLM's own torch op: rows without an adapter (index -1)
 get a zero LoRA product, rows with one get exactly what vLLM computes."""
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 
-from actors.engines.vllm_cpu_lora import _masked_shrink  # noqa: E402
+from actors.engines.vllm.cpu_lora import _masked_shrink  # noqa: E402
 
 
 def test_masked_shrink_zeroes_rows_without_an_adapter_only():

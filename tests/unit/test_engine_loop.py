@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from actors.engines.vllm_loop import EngineLoop
+from actors.engines.vllm.loop import EngineLoop
 
 
 class ScriptedEngine:

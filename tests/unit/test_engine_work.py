@@ -1,4 +1,4 @@
-"""The engine's useful-work figures (actors.engines.vllm_stats) from vLLM's own per-step stats objects."""
+"""The engine's useful-work figures (actors.engines.vllm.stats) from vLLM's own per-step stats objects."""
 
 from vllm.v1.metrics.stats import (
     IterationStats,
@@ -8,7 +8,7 @@ from vllm.v1.metrics.stats import (
     SchedulerStats,
 )
 
-from actors.engines.vllm_stats import EngineWork, requests_held, work_line
+from actors.engines.vllm.stats import EngineWork, requests_held, work_line
 
 
 def _step(work: EngineWork, running, waiting, prompt=0, generated=0, preempted=0, hits=(0, 0), media=(0, 0)):

@@ -3,6 +3,8 @@
 import importlib
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -19,9 +21,31 @@ def test_the_vllm_plugin_entry_point_names_the_register_function():
     section = pyproject.split('[project.entry-points."vllm.general_plugins"]\n')[1].split("\n[")[0]
     (spec,) = re.findall(r'^\w+ = "([\w.:]+)"$', section, re.M)
     module, _, name = spec.partition(":")
-    from actors.engines.vllm_plugin import register
+    from actors.engines.vllm.plugin import register
 
     assert getattr(importlib.import_module(module), name) is register
+
+
+@pytest.mark.parametrize(
+    ("backend", "missing", "extra"),
+    [("transformers", "torch", "'phi4mm-batch[transformers]'"), ("vllm", "vllm", "'phi4mm-batch[gpu]'")],
+)
+def test_a_backends_missing_package_names_the_extra_that_installs_it(backend, missing, extra):
+    """In a fresh interpreter where ``missing`` cannot be imported (None in sys.modules)."""
+    script = f"""
+import sys
+sys.modules[{missing!r}] = None
+from actors.engines import build_engine
+from schemas.job import EngineConfig, JobConfig
+config = JobConfig.model_construct(engine=EngineConfig(backend={backend!r}))
+try:
+    build_engine(config)
+except ModuleNotFoundError as e:
+    print(type(e).__name__, e.name, e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith(f"ModuleNotFoundError {missing} engine.backend {backend!r} needs"), out
+    assert f"Try pip install {extra}" in out.stdout
 
 
 def test_a_prepared_row_becomes_requests_with_its_sampling():
@@ -61,14 +85,14 @@ def test_row_and_job_sampling_share_their_bounds(bad):
 
 
 def test_every_configured_backend_is_a_module_with_an_engine_class():
-    """Adding an engine is one module (actors/engines/<backend>_engine.py) and one config value."""
+    """Adding an engine is one folder (actors/engines/<backend>/), one registry entry and one config value."""
     from typing import get_args
 
-    from actors.engines import engine_class
+    from actors.engines import BACKENDS, engine_class
     from schemas.job import EngineConfig
 
     backends = get_args(EngineConfig.model_fields["backend"].annotation)
-    assert set(backends) == {"vllm", "transformers"}
+    assert set(backends) == set(BACKENDS) == {"vllm", "transformers"}
     for backend in backends:
         cls = engine_class(backend)
         assert callable(cls.generate) and callable(cls.stats)

@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from actors.features import (
+from actors.media.features import (
     crop_masks,
     crops_from_canvas,
     image_canvas,
@@ -122,7 +122,7 @@ def _camera_jpeg(size=(4032, 3024), orientation: int | None = None) -> bytes:
 @pytest.mark.parametrize("orientation", [None, 6])
 @pytest.mark.parametrize("dynamic_hd", [4, 16])
 def test_fast_jpeg_decode_keeps_crops_and_tokens_and_stays_close(dynamic_hd, orientation):
-    from actors.media import decode_image
+    from actors.media.decode import decode_image
     from actors.preprocess import prepared_image
 
     data = _camera_jpeg(orientation=orientation)
@@ -145,7 +145,7 @@ def test_fast_jpeg_decode_keeps_crops_and_tokens_and_stays_close(dynamic_hd, ori
 
 
 def test_fast_jpeg_decode_of_a_sliver_is_still_the_aspect_ratio_error():
-    from actors.media import decode_image
+    from actors.media.decode import decode_image
 
     sliver = decode_image(
         _camera_jpeg(size=(20000, 2)), "sliver", 10**9, lambda w, h: fitted_size(w, h, 16)[1]
@@ -158,7 +158,7 @@ def test_fast_jpeg_decode_of_a_sliver_is_still_the_aspect_ratio_error():
 def test_fast_jpeg_decode_leaves_small_pictures_and_other_formats_exact():
     import io
 
-    from actors.media import decode_image
+    from actors.media.decode import decode_image
 
     small = _camera_jpeg(size=(900, 600))
     photo = Image.open(MEDIA / "coffee.jpg").convert("RGB").resize((4032, 3024))

@@ -7,7 +7,7 @@ import pytest
 
 from actors.engines.adapters import lora_rank_of, resolve_adapters
 from actors.engines.contract import EngineResult
-from actors.engines.vllm_engine import engine_kwargs
+from actors.engines.vllm.engine import engine_kwargs
 from actors.generate import GenerateRows
 from schemas.rows import OUTPUT_SCHEMA, PREPARED_SCHEMA, empty_prepared_row
 from tests.helpers import make_config

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from actors.media import MediaSource, as_items, decode_audio, decode_image, load_bytes
+from actors.media.decode import MediaSource, as_items, decode_audio, decode_image, load_bytes
 from schemas.rows import ErrorCode, RowError
 from tests.helpers import MEDIA
 
@@ -128,7 +128,7 @@ def test_audio_error_codes():
 
 
 def test_audio_arrays_with_bad_rates_or_lengths():
-    from actors.media import load_audio
+    from actors.media.decode import load_audio
 
     src, wave = MediaSource(), [0.1] * 16000
     for rate in (0, -5, 4000):
@@ -141,7 +141,7 @@ def test_audio_arrays_with_bad_rates_or_lengths():
 
 
 def test_relative_paths_start_at_the_input_directory_or_a_url_root(tmp_path):
-    from actors.media import default_media_root
+    from actors.media.decode import default_media_root
 
     assert default_media_root(str(MEDIA / "data.parquet")) == str(MEDIA)
     assert default_media_root(str(MEDIA)) == str(MEDIA)

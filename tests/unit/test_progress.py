@@ -160,7 +160,7 @@ def test_provenance_hashes_the_config_and_checkpoint_and_names_versions(tiny_mod
 
 
 def test_lines_say_engines_are_starting_then_add_their_useful_work(caplog):
-    from actors.engines.vllm_stats import EngineWork
+    from actors.engines.vllm.stats import EngineWork
 
     clock, engines = Clock(), {}
     monitor = ProgressMonitor(lambda: {"a": _counts(0)}, total=40, every_s=10, clock=clock,

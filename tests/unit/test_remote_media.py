@@ -1,4 +1,4 @@
-"""Remote media fetched with a policy (actors/media_fetch.py): each failure of a remote item is an error
+"""Remote media fetched with a policy (actors/media/fetch.py): each failure of a remote item is an error
 row with its own stable code, the rest of the batch goes on; retries, caps, redirects, pooled and
 concurrent fetches, against a local HTTP server of bad hosts and the S3 test server."""
 
@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 import pyarrow as pa
 import pytest
 
-from actors.media_policy import MediaSource, read_media_path
+from actors.media.policy import MediaSource, read_media_path
 from actors.preprocess import PreprocessRows
 from schemas.redact import redact
 from schemas.rows import ErrorCode, RowError

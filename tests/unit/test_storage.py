@@ -3,7 +3,7 @@ environment, as the AWS CLI and SDKs read them (tests/s3_server.py, or PHI4MM_TE
 
 import pytest
 
-from pipelines import storage
+from schemas import storage
 from schemas.job import StorageConfig
 
 

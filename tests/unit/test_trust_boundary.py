@@ -1,5 +1,5 @@
 """Rows are untrusted: what a media path may reach, how much is read and decoded, and how long a row may
-take (actors.media_policy, actors.media, actors.row_timer.RowTimer). No network: URL rules are tested on
+take (actors.media.policy, actors.media.decode, actors.row_timer.RowTimer). No network: URL rules are tested on
 the decision function, remote reads on fsspec's in-memory file system."""
 
 import io
@@ -16,8 +16,9 @@ import soundfile as sf
 from PIL import Image
 
 from actors.attempts import LocalAttemptLedger
-from actors.media import decode_audio, decode_image, image_bytes_per_pixel, load_bytes
-from actors.media_policy import (
+from actors.media.decode import decode_audio, decode_image, load_bytes
+from actors.media.limits import image_bytes_per_pixel
+from actors.media.policy import (
     DEFAULT_REMOTE_PROTOCOLS,
     MediaSource,
     _bounded_read,
@@ -289,7 +290,7 @@ def test_high_rate_multichannel_audio_is_refused_from_its_header(monkeypatch):
 
 
 def test_audio_arrays_count_against_the_sample_cap():
-    from actors.media import load_audio
+    from actors.media.decode import load_audio
 
     e = _error(load_audio, [0.0] * 20_000, MediaSource(), 16_000, 0.025, 600, max_samples=16_000)
     assert e.code == ErrorCode.AUDIO_TOO_LARGE

@@ -7,7 +7,7 @@ Accepted cell forms for an image or audio column (one item, or a list of items f
 - ``{"bytes": b"...", "path": "x.jpg"}``: Hugging Face datasets' storage type; bytes win over path;
 - raw ``bytes``;
 - a path string: relative to ``media_root``, absolute, or a URL (``s3://``, ``gs://``, ``file://``;
-  ``http(s)://`` only when allowed), within the trust boundary of ``actors.media_policy``.
+  ``http(s)://`` only when allowed), within the trust boundary of ``actors.media.policy``.
 
 Work per item is bounded before it is done: encoded bytes by ``max_media_bytes`` (a bounded read), decoded
 images by pixels and by pixels x bytes per pixel, decoded audio by frames x channels, all read from the
@@ -24,13 +24,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from actors.media_policy import (
-    MediaSource,
+from actors.media.limits import (
+    check_duration,
+    check_image_header,
     check_media_size,
-    read_media_path,
-    resolve_media_path,
-    scheme_of,
+    check_rate,
+    check_samples,
 )
+from actors.media.policy import MediaSource, read_media_path, resolve_media_path, scheme_of
 from schemas.model import PHI4MM
 from schemas.rows import ErrorCode, RowError
 
@@ -98,7 +99,7 @@ def _is_empty(item) -> bool:
 
 def load_bytes(item, source: MediaSource, kind: str) -> tuple[bytes, str]:
     """Return (bytes, a short description of where they came from) for one media item, at most
-    ``source.max_bytes`` of them; a path is read only within the trust boundary (``actors.media_policy``)."""
+    ``source.max_bytes`` of them; a path is read only within the trust boundary (``actors.media.policy``)."""
     if isinstance(item, dict):
         if item.get("bytes") is not None:
             data, where = bytes(item["bytes"]), item.get("path") or "<bytes>"
@@ -160,7 +161,7 @@ def decode_image(
 
     ``reduce_to(width, height)``, given the picture's oriented size, names the smallest size it will be
     used at; a JPEG is then decoded at the largest 1/2, 1/4 or 1/8 scale that still covers it.
-    ``max_bytes`` caps the decoded size, pixels x bytes per pixel (``image_bytes_per_pixel``)."""
+    ``max_bytes`` caps the decoded size, pixels x bytes per pixel (``actors.media.limits``)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -169,21 +170,7 @@ def decode_image(
         # Header only: the pixel count and sample size are known before any pixel is decoded.
         img = Image.open(io.BytesIO(data))
         width, height = img.size
-        if width * height > max_pixels:
-            raise RowError(
-                ErrorCode.IMAGE_TOO_LARGE,
-                f"image {where} is {width}x{height} = {width * height:,} pixels, over media.max_image_pixels "
-                f"({max_pixels:,}). Downscale it, or raise media.max_image_pixels if it is trusted.",
-            )
-        per_pixel = image_bytes_per_pixel(img)
-        if max_bytes is not None and width * height * per_pixel > max_bytes:
-            raise RowError(
-                ErrorCode.IMAGE_TOO_LARGE,
-                f"image {where} decodes to {width}x{height} pixels x {per_pixel} bytes ({img.mode}) = "
-                f"{width * height * per_pixel:,} bytes, over media.max_image_bytes ({max_bytes:,}). "
-                "Try downscaling it or saving it at 8 bits per sample, or raise media.max_image_bytes if "
-                "it is trusted.",
-            )
+        check_image_header(img, where, max_pixels, max_bytes)
         full, scale = None, 1
         if reduce_to is not None and img.format == "JPEG" and width >= 2 and height >= 2:
             turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation with a 90 degree turn
@@ -214,27 +201,6 @@ def decode_image(
     if scale > 1:
         return DecodedImage(image=img, digest=digest, size=full, jpeg_scale=scale)
     return DecodedImage(image=img, digest=digest)
-
-
-def image_bytes_per_pixel(img) -> int:
-    """Bytes one decoded pixel takes, from the header: the mode's bands x the larger of the mode's and the
-    file's bytes per sample. Pillow keeps a 16-bit RGBA PNG as 8-bit RGBA, but inflates and unfilters it
-    at 16 bits (raw mode ``RGBA;16B``): counting the file's 8 bytes per pixel bounds that work too."""
-    from PIL import ImageMode
-
-    try:
-        mode = ImageMode.getmode(img.mode)
-    except KeyError:  # a mode Pillow cannot describe: count as the widest, 4 samples of 4 bytes
-        return 16
-    sample = int(mode.typestr[-1])  # numpy typestr: '|u1' -> 1, '<u2' -> 2, '<i4' -> 4
-    tile = img.tile[0] if getattr(img, "tile", None) else None
-    args = getattr(tile, "args", None)
-    raw = args if isinstance(args, str) else next((a for a in args or () if isinstance(a, str)), "")
-    if ";16" in raw:
-        sample = max(sample, 2)
-    elif ";32" in raw:
-        sample = max(sample, 4)
-    return len(mode.bands) * sample
 
 
 def _to_rgb(img):
@@ -269,8 +235,8 @@ def decode_audio(
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate = f.samplerate
-            _check_duration(f.frames / rate if rate else 0.0, where, max_seconds)
-            _check_samples(f.frames, f.channels, rate, where, max_samples)
+            check_duration(f.frames / rate if rate else 0.0, where, max_seconds)
+            check_samples(f.frames, f.channels, rate, where, max_samples)
             samples = f.read(dtype="float32", always_2d=True)
     except RowError:
         raise
@@ -306,9 +272,9 @@ def load_audio(
         except (TypeError, ValueError) as e:
             raise RowError(ErrorCode.AUDIO_DECODE_ERROR, f"audio array is not numeric: {e}") from e
         rate = int(sampling_rate)
-        _check_rate(rate, "array")  # before any division by it
-        _check_duration(len(samples) / rate, "array", max_seconds)
-        _check_samples(len(samples), 1, rate, "array", max_samples)
+        check_rate(rate, "array")  # before any division by it
+        check_duration(len(samples) / rate, "array", max_seconds)
+        check_samples(len(samples), 1, rate, "array", max_samples)
         return prepare_waveform(samples, rate, "array", min_seconds)
     return decode_audio(*load_bytes(item, source, "audio"), min_seconds, max_seconds, max_samples)
 
@@ -338,38 +304,10 @@ def downscale(image: DecodedImage, scale: float) -> DecodedImage:
     return replace(image, size=downscale_size(image, scale))
 
 
-def _check_rate(rate: int, where: str) -> None:
-    if rate < PHI4MM.min_audio_sample_rate:
-        raise RowError(
-            ErrorCode.AUDIO_SAMPLE_RATE_UNSUPPORTED,
-            f"audio {where} is sampled at {rate} Hz; Phi-4-multimodal needs at least "
-            f"{PHI4MM.min_audio_sample_rate} Hz. Re-record or re-export it at 16 kHz.",
-        )
-
-
-def _check_duration(seconds: float, where: str, max_seconds: float) -> None:
-    if seconds > max_seconds:
-        raise RowError(
-            ErrorCode.AUDIO_TOO_LONG,
-            f"audio {where} lasts {seconds:.1f} s, over media.max_audio_seconds ({max_seconds:g} s). "
-            "Split it, try media.long_audio: chunk, or raise media.max_audio_seconds.",
-        )
-
-
-def _check_samples(frames: int, channels: int, rate: int, where: str, max_samples: int | None) -> None:
-    if max_samples is not None and frames * channels > max_samples:
-        raise RowError(
-            ErrorCode.AUDIO_TOO_LARGE,
-            f"audio {where} decodes to {frames:,} frames x {channels} channels at {rate} Hz = "
-            f"{frames * channels:,} samples, over media.max_audio_samples ({max_samples:,}). Try a mono "
-            "16 kHz export, or raise media.max_audio_samples if it is trusted.",
-        )
-
-
 def prepare_waveform(samples: np.ndarray, rate: int, where: str, min_seconds: float) -> DecodedAudio:
     """Check the rate and length of a mono waveform and resample it to 16 kHz."""
     target = PHI4MM.audio_sample_rate
-    _check_rate(rate, where)
+    check_rate(rate, where)
     if len(samples) / rate < min_seconds:
         raise RowError(
             ErrorCode.AUDIO_TOO_SHORT,

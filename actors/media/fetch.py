@@ -1,9 +1,9 @@
 """Remote media fetched with a policy: time limits, bounded retries, a size cap while streaming, redirects
 kept inside the trust boundary, connections reused, and fetches run ahead of the rows that need them.
 
-``actors.media_policy`` decides whether a row may reach a URL; this module reads it:
+``actors.media.policy`` decides whether a row may reach a URL; this module reads it:
 
-- ``s3://`` through ``pyarrow.fs.S3FileSystem`` (``pipelines.storage``: the job's endpoint and region,
+- ``s3://`` through ``pyarrow.fs.S3FileSystem`` (``schemas.storage``: the job's endpoint and region,
   credentials from the AWS SDK's usual chain), with ``media.remote_timeout_s`` as the request's timeout and
   ``media.remote_attempts`` as the SDK's retry attempts (throttling, 5xx, resets; exponential backoff);
 - ``http(s)://`` through one ``urllib3.PoolManager`` per CPU actor (kept-alive connections), with the
@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urljoin
 
+from actors.media.limits import check_media_size
 from schemas.job import StorageConfig
 from schemas.redact import redact
 from schemas.rows import ErrorCode, RowError
@@ -124,8 +125,8 @@ class RemoteFetcher:
         return _raise_exhausted(kind, shown, last, self.attempts, self.timeout_s)
 
     def _fetch_s3(self, url: str, shown: str, kind: str) -> bytes:
-        from pipelines.storage import filesystem_for
         from schemas.errors import JobError
+        from schemas.storage import filesystem_for
 
         try:
             fs, path = filesystem_for(url, self.storage)  # the SDK retries transient errors itself
@@ -268,8 +269,6 @@ class RemoteFetcher:
 
 
 def _check_size(size: int, max_bytes: int, kind: str, shown: str, exact: bool = True) -> None:
-    from actors.media_policy import check_media_size
-
     check_media_size(size, max_bytes, kind, repr(shown), exact=exact)
 
 

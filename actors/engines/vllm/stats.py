@@ -8,7 +8,7 @@ second of engine step, and how much of the engine's time went inside steps.
 
 ``EngineWork`` is handed to vLLM's stat-logger manager (``attach``), which calls ``record`` once per engine
 step with that step's ``SchedulerStats``, ``IterationStats`` and media-cache stats; ``step_timed`` adds the
-step's wall time, measured by the loop that stepped it (``actors.engines.vllm_loop``). Plain class: a unit
+step's wall time, measured by the loop that stepped it (``actors.engines.vllm.loop``). Plain class: a unit
 test feeds it vLLM's real stats objects without an engine. vLLM itself is not imported here.
 """
 

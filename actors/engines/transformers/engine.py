@@ -6,7 +6,7 @@ A call's requests are grouped by adapter (the routing rule of ``schemas.model.PH
 image and image+audio rows run with vision-lora, audio-only rows with speech-lora, text rows with none)
 and by sampling, and each group runs as left-padded batched ``generate`` calls of at most
 ``engine.max_num_seqs`` rows. The model takes the CPU stage's prepared media as the checkpoint's
-processor would hand them over: each image's crops (``actors.features.crops_from_canvas``), its patch
+processor would hand them over: each image's crops (``actors.media.features.crops_from_canvas``), its patch
 masks and canvas size, each clip's log-mel features; the prompt's media tags expand into the
 checkpoint's placeholder tokens, as the processor expands them. Token accounting is vLLM's: the prompt
 with its placeholders, and generated tokens up to and including the end token or the one that completes
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from actors.engines.contract import EngineRequest, EngineResult, effective_sampling, warm_up
-from actors.engines.transformers_annotation import Grammars, Loops, StepLogprobs
-from actors.features import MASK_SIDE, crops_from_canvas, tensor_view
+from actors.engines.transformers.annotation import Grammars, Loops, StepLogprobs
+from actors.media.features import MASK_SIDE, crops_from_canvas, tensor_view
 from actors.output_check import logprob_summary
 from actors.tokens import audio_tokens_for_frames
 from schemas.annotation import CHOICE_LOGPROBS, first_loop, repetition_rule
@@ -42,9 +42,9 @@ def load_model(config: JobConfig, device: str, dtype: torch.dtype):
     set, else the checkpoint's), in eval mode on ``device``."""
     from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
 
-    from actors.engines import transformers_patches
+    from actors.engines.transformers import patches
 
-    transformers_patches.apply()
+    patches.apply()
     path = config.model.path
     if config.model.load_format == "dummy":  # random weights of the checkpoint's shapes, made on the device
         torch.manual_seed(config.engine.seed)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from actors.engines.adapters import lora_rank_of, resolve_adapters
 from actors.engines.contract import EngineRequest, EngineResult, effective_sampling, warm_up
-from actors.engines.vllm_annotation import annotation_params, confidence_of
-from actors.engines.vllm_loop import EngineLoop, LoopStats
-from actors.engines.vllm_plugin import PREPARED_ARCHITECTURE, register
-from actors.engines.vllm_stats import attach, requests_held
-from actors.features import MASK_SIDE, tensor_view
+from actors.engines.vllm.annotation import annotation_params, confidence_of
+from actors.engines.vllm.loop import EngineLoop, LoopStats
+from actors.engines.vllm.plugin import PREPARED_ARCHITECTURE, register
+from actors.engines.vllm.stats import attach, requests_held
+from actors.media.features import MASK_SIDE, tensor_view
 from schemas.job import JobConfig
 from schemas.model import Adapter
 
@@ -39,14 +39,14 @@ def engine_kwargs(config: JobConfig, adapter_dirs: dict[Adapter, Path] | None = 
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
         distributed_executor_backend=engine.executor,
-        # the CPU stage's prepared media (actors.engines.vllm_phi4mm); dict inputs count as embeddings for vLLM
+        # the CPU stage's prepared media (actors.engines.vllm.phi4mm); dict inputs count as embeddings for vLLM
         hf_overrides={"architectures": [PREPARED_ARCHITECTURE]},
         enable_mm_embeds=True,
         limit_mm_per_prompt={"image": engine.max_images_per_row, "audio": engine.max_audios_per_row},
         mm_processor_kwargs={"dynamic_hd": engine.dynamic_hd},
         # structured outputs (schemas.annotation): compact JSON, fewer tokens and no whitespace to loop on
         structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-        # per-step statistics feed the run summary's useful-work figures (actors.engines.vllm_stats)
+        # per-step statistics feed the run summary's useful-work figures (actors.engines.vllm.stats)
         disable_log_stats=False,
     )
     if engine.kv_cache_memory_gib:
@@ -62,7 +62,7 @@ def engine_kwargs(config: JobConfig, adapter_dirs: dict[Adapter, Path] | None = 
 
 
 def image_inputs(images: list[dict]) -> dict:
-    """Prepared images -> the dict ``actors.engines.vllm_phi4mm`` takes as the image items of one request."""
+    """Prepared images -> the dict ``actors.engines.vllm.phi4mm`` takes as the image items of one request."""
     import torch
 
     return {

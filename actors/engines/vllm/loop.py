@@ -48,7 +48,7 @@ class EngineLoop:
         self.engine = engine
         self.on_engine_death = on_engine_death or _exit_process
         self.stats = LoopStats()
-        self.work = None  # actors.engines.vllm_stats.EngineWork, told each step's wall time
+        self.work = None  # actors.engines.vllm.stats.EngineWork, told each step's wall time
         self._ids = itertools.count()
         self._waiting: deque[Submission] = deque()
         self._running: dict[str, Submission] = {}

@@ -7,7 +7,7 @@ adapter rows was silently computed with an adapter. GPU kernels skip index -1 an
 
 The shrink op (x @ A) is the first of the two LoRA products, and the expand op (… @ B) only adds what
 shrink wrote: zeroing shrink's output for index -1 makes the whole LoRA delta zero for those tokens.
-``patch_cpu_lora_ops`` is applied by the vLLM plugin (``actors.engines.vllm_plugin``) in every vLLM process on
+``patch_cpu_lora_ops`` is applied by the vLLM plugin (``actors.engines.vllm.plugin``) in every vLLM process on
 the CPU backend.
 """
 

@@ -16,7 +16,7 @@ Only then is the file system asked: a missing file is ``MEDIA_NOT_FOUND``; anyth
 never read; the open uses ``O_NONBLOCK | O_NOFOLLOW`` and the type is checked again on the open file, in
 case the path was swapped in between; at most ``media.max_media_bytes`` + 1 bytes are read
 (``MEDIA_TOO_LARGE`` past the cap), so a huge or endless file is never read whole. URLs are read by
-``actors.media_fetch`` (time limits, retries, the cap while streaming, redirects checked here again).
+``actors.media.fetch`` (time limits, retries, the cap while streaming, redirects checked here again).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from urllib.parse import unquote
 
-from actors.media_fetch import RemoteFetcher
+from actors.media.fetch import RemoteFetcher
+from actors.media.limits import check_media_size
 from schemas.job import InputConfig, MediaConfig, StorageConfig
 from schemas.rows import ErrorCode, RowError
 
@@ -57,7 +58,7 @@ class MediaSource:
 
     @cached_property
     def fetcher(self) -> RemoteFetcher:
-        """Reads remote URLs for this source (``actors.media_fetch``), redirects checked by the policy."""
+        """Reads remote URLs for this source (``actors.media.fetch``), redirects checked by the policy."""
         return RemoteFetcher(
             self.max_bytes,
             timeout_s=self.remote_timeout_s,
@@ -241,16 +242,6 @@ def _require_regular(mode: int, path: str, kind: str) -> None:
         what = next((name for test, name in _FILE_TYPES if test(mode)), "special file")
         raise _refused(
             kind, path, f"is a {what}, not a regular file; only regular files are read. Try a file's path"
-        )
-
-
-def check_media_size(size: int, max_bytes: int, kind: str, where: str, exact: bool = True) -> None:
-    if size > max_bytes:
-        amount = f"{size:,} bytes" if exact else f"more than {max_bytes:,} bytes"
-        raise RowError(
-            ErrorCode.MEDIA_TOO_LARGE,
-            f"{kind} {where} is {amount}, over media.max_media_bytes ({max_bytes:,}). Try a smaller or "
-            "more compressed file, or raise media.max_media_bytes if the data is trusted.",
         )
 
 

@@ -8,7 +8,7 @@ The checkpoint's own processor (Microsoft's ``processing_phi4mm.py``, ported to 
 
 Here the expensive, pixel-by-pixel parts run on CPU actors: the image resize and pad (kept as uint8, the
 smallest exact form, ~1/4 of float crops) and the whole log-mel computation. What is left of the image
-steps (scale, crop, global view) is a few tensor ops that ``actors.engines.vllm_phi4mm`` runs on the GPU, with
+steps (scale, crop, global view) is a few tensor ops that ``actors.engines.vllm.phi4mm`` runs on the GPU, with
 the original's float arithmetic (bit-exact on a CPU; on an H100 within 5e-4 of it, bench/preprocess.py).
 """
 

@@ -1,4 +1,4 @@
-"""vLLM's Phi4MM, taught to take the CPU stage's prepared media (``actors.features``).
+"""vLLM's Phi4MM, taught to take the CPU stage's prepared media (``actors.media.features``).
 
 vLLM 0.32's Phi4MM accepts raw images and waveforms only, so the checkpoint's processor (resize, pad,
 crops, log-mel) would run in the GPU actor's process for every request, taking most of its CPU time. This
@@ -12,7 +12,7 @@ The audio features are already what the model consumes; the flag picks the audio
 canvas is finished on the model's device by ``crops_from_canvas``: the original processor's
 ToTensor/Normalize, 448 px tiling and bicubic global view.
 Raw media still work (dummy inputs for profiling use them). Imports vLLM and torch: load it only in the
-GPU actor, through ``actors.engines.vllm_plugin.register``.
+GPU actor, through ``actors.engines.vllm.plugin.register``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import DictEmbeddingItems, MultiModalDataParser
 
-from actors.features import crops_from_canvas
+from actors.media.features import crops_from_canvas
 from schemas.model import PHI4MM
 
 

@@ -14,6 +14,10 @@ File systems are cached per process and settings, so the SDK's connection pool i
 ``use(storage)`` sets the settings later calls without an explicit one get in this process: the driver
 sets them once per job, and each Ray task or actor that touches storage sets them from the config it
 carries.
+
+It sits on the lowest floor, beside the ``storage`` settings it reads, so the CPU stage's media fetches
+(``actors``), the engines' remote adapter copies and the driver's readers and writers (``pipelines``) share
+it without any floor importing one above it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""vLLM general plugin: registers ``Phi4MMPreparedForCausalLM`` (``actors.engines.vllm_phi4mm``) with vLLM,
-on the CPU backend fixes its LoRA ops for rows without an adapter (``actors.engines.vllm_cpu_lora``), and shows
+"""vLLM general plugin: registers ``Phi4MMPreparedForCausalLM`` (``actors.engines.vllm.phi4mm``) with vLLM,
+on the CPU backend fixes its LoRA ops for rows without an adapter (``actors.engines.vllm.cpu_lora``), and shows
 vLLM's per-request and per-module repeated warnings once per process (``actors.log_once``).
 
 vLLM calls ``register`` in every process it starts (entry point ``vllm.general_plugins`` in
@@ -22,9 +22,9 @@ def register() -> None:
 
     if PREPARED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
-            PREPARED_ARCHITECTURE, f"actors.engines.vllm_phi4mm:{PREPARED_ARCHITECTURE}"
+            PREPARED_ARCHITECTURE, f"actors.engines.vllm.phi4mm:{PREPARED_ARCHITECTURE}"
         )
     if current_platform.is_cpu():
-        from actors.engines.vllm_cpu_lora import patch_cpu_lora_ops
+        from actors.engines.vllm.cpu_lora import patch_cpu_lora_ops
 
         patch_cpu_lora_ops()

@@ -1,0 +1,1 @@
+"""The transformers backend (``engine.backend: transformers``): see ``actors.engines``."""

@@ -1,0 +1,1 @@
+"""The vLLM backend (``engine.backend: vllm``): see ``actors.engines``."""
