@@ -6,7 +6,7 @@
   ``_run-<run>.json``), which those readers skip;
 - a part file appears whole: on a local disk it is written under ``_tmp/`` and renamed into place; on an
   object store, which has no rename but shows an upload only once it is complete, it is uploaded straight
-  under its final, unique name (``pipelines.storage.is_object_store``);
+  under its final, unique name (``schemas.storage.is_object_store``);
 - the commit markers ``_committed-<run>.json`` name every part each finished run wrote and every part an
   overwrite replaced. Resume and the audit trust them over a listing: a part a marker names is read by
   name even while a lagging listing does not show it yet, and a part an overwrite replaced is ignored
