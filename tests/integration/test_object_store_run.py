@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipelines import storage
-from pipelines.io import committed_ids
+from pipelines.output.commit import committed_ids
 from pipelines.phi4mm import run_pipeline
 from tests.helpers import MEDIA, REPO, make_config
 

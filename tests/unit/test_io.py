@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.io as io
-from pipelines.io import (
+import pipelines.output.commit as io
+from pipelines.output.commit import (
     TMP_DIR,
     audit,
     commit_run,
@@ -25,7 +25,7 @@ from pipelines.io import (
     write_in_parts,
     write_part_files,
 )
-from pipelines.lock import LOCK_NAME, LockLost, OutputLock, assert_lock_held, read_lock
+from pipelines.output.lock import LOCK_NAME, LockLost, OutputLock, assert_lock_held, read_lock
 from schemas.errors import JobError
 from schemas.job import OutputConfig
 from schemas.rows import OUTPUT_SCHEMA

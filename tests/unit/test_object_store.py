@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines import io, storage
-from pipelines.lock import OutputLock
+from pipelines import storage
+from pipelines.output import commit as io
+from pipelines.output.lock import OutputLock
 from schemas.errors import JobError
 from schemas.job import StorageConfig
 from schemas.rows import OUTPUT_SCHEMA

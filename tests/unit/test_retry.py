@@ -1,4 +1,4 @@
-"""Error rows run again into the same output (``pipelines.retry``): which rows, the staged rewrite of the
+"""Error rows run again into the same output (``pipelines.output.retry``): which rows, the staged rewrite of the
 parts holding them, one commit that replaces them, and a retry killed before or during its commit."""
 
 import json
@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.retry as retry_mod
-from pipelines.io import (
+import pipelines.output.retry as retry_mod
+from pipelines.output.commit import (
     audit,
     audit_ids,
     commit_run,
@@ -18,7 +18,7 @@ from pipelines.io import (
     staging_name,
     write_part_files,
 )
-from pipelines.retry import commit_retry, parts_after, retry_of, stage_kept_rows
+from pipelines.output.retry import commit_retry, parts_after, retry_of, stage_kept_rows
 from schemas.job import OutputConfig
 from schemas.rows import OUTPUT_SCHEMA
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 
-from pipelines.io import WriteStats, write_part_files
+from pipelines.output.commit import WriteStats, write_part_files
 from pipelines.spec import on_driver_node
 from pipelines.storage import use
 from schemas.job import OutputConfig, StorageConfig

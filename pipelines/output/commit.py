@@ -12,7 +12,7 @@
   name even while a lagging listing does not show it yet, and a part an overwrite replaced is ignored
   even while a lagging listing still shows it (``committed_parts``). The markers are also kept together
   in ``_committed.json``, which is read by name: finding them needs no listing;
-- ``resume`` and ``error`` runs commit parts as they go (``pipelines.writer``): a part once
+- ``resume`` and ``error`` runs commit parts as they go (``pipelines.output.writer``): a part once
   ``output.commit_every_rows`` rows wait for one or the oldest has waited ``output.commit_every_s``
   seconds, so a killed run keeps what it committed and ``resume`` carries on from there. The run that
   takes a killed run's lock over writes it the marker it never wrote (``record_interrupted_run``);
@@ -23,10 +23,10 @@
 - an overwrite deletes only parts a commit marker names: the runs of this output wrote them. A part file
   no marker names is never deleted, and an overwrite refuses to start while one is there
   (``check_output_mode``); a run that ends without its marker gets one when it gives its lock back
-  (``pipelines.lock``);
+  (``pipelines.output.lock``);
 - row ids are compared in one string form (``id_strings``) on write, resume and audit;
 - the audit checks that every id a run answers for has exactly one output row, in bounded memory
-  (``pipelines.ids``: hash buckets of at most about a million ids).
+  (``pipelines.output.ids``: hash buckets of at most about a million ids).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.ids import IdColumn, array_batches, id_strings, partition
+from pipelines.output.ids import IdColumn, array_batches, id_strings, partition
 from pipelines.storage import filesystem_for, is_object_store
 from schemas.errors import JobError
 from schemas.job import OutputConfig
@@ -61,7 +61,7 @@ STAGING_PREFIX = "_staging-"  # an overwrite run's committed parts, until the sw
 MARKER_PREFIX = "_committed-"
 COMMIT_INDEX = "_committed.json"  # every run's marker in one object, read by name: no listing involved
 # Runs whose marker is followed by a swap of staged parts (finished by the next run if cut short): an
-# overwrite, and a retry of error rows (``pipelines.retry``).
+# overwrite, and a retry of error rows (``pipelines.output.retry``).
 SWAPPING_MODES = ("overwrite", "retry")
 
 
@@ -153,7 +153,7 @@ def _strays(uri: str) -> list[str]:
     """Part files in the output that no run of it committed: not named by a commit marker, nor by the name
     of the run holding the output's lock (still writing, or killed: the run taking its lock over names its
     parts in a marker first)."""
-    from pipelines.lock import read_lock
+    from pipelines.output.lock import read_lock
 
     fs, root = _fs_and_path(uri)
     named = _named_parts(_markers(fs, root))
@@ -183,7 +183,7 @@ def check_run_id_unused(uri: str, run_id: str) -> None:
 
 
 def prepare_output(config: OutputConfig) -> pa.Array:
-    """Make the output ready for a run that holds its lock (``pipelines.lock``); return the ids to skip
+    """Make the output ready for a run that holds its lock (``pipelines.output.lock``); return the ids to skip
     (non-empty only when resuming). Finishes a swap an earlier overwrite left half done, removes what
     interrupted runs left behind, then checks the mode. An overwrite deletes nothing here: the old parts
     stay until the new run swaps its own in (``commit_run``)."""
@@ -422,9 +422,9 @@ def write_part_files(
 
     ``into``: a subdirectory of the output to commit into (an overwrite's staging directory) instead of
     the output itself. ``lock_run_id``: check before each move that this run still holds the output's
-    lock (``pipelines.lock.assert_lock_held``). Part names number on from ``first_chunk``. ``shape``: the
+    lock (``pipelines.output.lock.assert_lock_held``). Part names number on from ``first_chunk``. ``shape``: the
     job's output layout (renames; datasets metadata), applied after the counts are taken."""
-    from pipelines.lock import assert_lock_held
+    from pipelines.output.lock import assert_lock_held
 
     fs, root = _fs_and_path(uri)
     dest = f"{root}/{into}" if into else root
@@ -468,7 +468,7 @@ def _upload_part_files(
 ):
     """Object stores: each part is serialised in memory, then uploaded under its final name in one
     upload, which the store shows only once it is complete (no ``_tmp/``, no copy: there is no rename)."""
-    from pipelines.lock import assert_lock_held
+    from pipelines.output.lock import assert_lock_held
 
     for chunk_idx, offset in enumerate(range(0, table.num_rows, rows_per_file), start=first_chunk):
         name = part_name(run_id, task_idx, chunk_idx)
@@ -499,8 +499,8 @@ def write_in_parts(
     lock_run_id: str | None = None,
 ) -> WriteStats:
     """Tables committed as part files of ``part_rows`` rows as soon as that many have come, the rest at
-    the end, in this process (``pipelines.writer.PartWriter``, with no time limit: nothing ticks here)."""
-    from pipelines.writer import PartWriter
+    the end, in this process (``pipelines.output.writer.PartWriter``, with no time limit: nothing ticks here)."""
+    from pipelines.output.writer import PartWriter
 
     writer = PartWriter(uri, run_id, index, part_rows, into=into, lock_run_id=lock_run_id)
     for table in tables:
@@ -566,14 +566,14 @@ def audit(
     Output rows whose id is not in the input at all are ``unexpected_ids`` and fail the audit.
 
     Every count is per id, so the ids (input, run, output) are hash-partitioned together
-    (``pipelines.ids.partition``) and each bucket is counted on its own: the driver holds one bucket of
+    (``pipelines.output.ids.partition``) and each bucket is counted on its own: the driver holds one bucket of
     ids, not all of them. ``known_parts``: the run's own parts (``output_ids``)."""
     return audit_ids(input_ids, output_ids(output_uri, known_parts), run_ids)
 
 
 def audit_ids(input_ids: IdsLike, outputs: IdColumn, run_ids: IdsLike | None = None) -> Audit:
     """``audit`` against the ``id`` column of given part files (``outputs``): a retry audits the output
-    as its commit will leave it, before committing (``pipelines.retry.parts_after``)."""
+    as its commit will leave it, before committing (``pipelines.output.retry.parts_after``)."""
     streams = [(_INPUT, input_ids), (_OUTPUT, outputs)] + ([(_RUN, run_ids)] if run_ids is not None else [])
     rows = sum(_rows(ids) for _, ids in streams)
     total = Audit(0, 0, 0, 0, 0)

@@ -170,8 +170,8 @@ class OutputLock:
 
     def _record(self, run_id: str) -> None:
         """Give ``run_id`` (a run that ended without its commit marker) a marker naming its parts."""
-        from pipelines.io import record_interrupted_run
-        from pipelines.writer import WRITERS
+        from pipelines.output.commit import record_interrupted_run
+        from pipelines.output.writer import WRITERS
 
         try:
             record_interrupted_run(self.uri, run_id, WRITERS)

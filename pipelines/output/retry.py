@@ -16,7 +16,7 @@ A part mixes rows to keep with rows to replace, so rows are replaced, not parts:
 to replace is rewritten (staged) without it, and the run's commit marker names its new parts (new results
 and rewritten parts) and the old parts they replace (``replaces``, as an overwrite's marker does). The
 marker is one write; then the swap moves the new parts in and deletes the old ones, and a swap cut short
-is finished by the next run (``pipelines.io.finish_interrupted_swaps``). Before the marker the output is
+is finished by the next run (``pipelines.output.commit.finish_interrupted_swaps``). Before the marker the output is
 unchanged: a retry killed or failing its audit leaves every old row in place, and the next run removes
 its staged parts. Resume and the audit follow the markers (``committed_parts``), so they see the old rows
 or the new ones; a plain reader listing ``part-*.parquet`` during the swap may see both for its duration
@@ -33,8 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.ids import IdColumn, array_batches, id_strings
-from pipelines.io import (
+from pipelines.output.commit import (
     IdsLike,
     _name,
     _swap,
@@ -44,11 +43,14 @@ from pipelines.io import (
     part_name,
     staging_name,
 )
+from pipelines.output.ids import IdColumn, array_batches, id_strings
 from pipelines.storage import filesystem_for
 from schemas.job import OutputConfig
 
-RETRY_MODE = "retry"  # the commit marker's mode (pipelines.io.SWAPPING_MODES)
-KEPT_WRITER = 999_999  # part_name's writer index for rewritten parts: past any writer's (pipelines.writer)
+RETRY_MODE = "retry"  # the commit marker's mode (pipelines.output.commit.SWAPPING_MODES)
+KEPT_WRITER = (
+    999_999  # part_name's writer index for rewritten parts: past any writer's (pipelines.output.writer)
+)
 
 
 @dataclass(frozen=True)
