@@ -19,19 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.incremental import done_among, file_segments, input_files_record, pending_files
-from pipelines.output.commit import (
-    Audit,
-    WriteStats,
-    audit,
-    audit_ids,
-    commit_run,
-    id_strings,
-    prepare_output,
-    staging_name,
-    write_manifest,
-)
-from pipelines.output.ids import IdColumn, count_in
+from pipelines.output.audit import Audit, audit, audit_ids
+from pipelines.output.commit import commit_run, write_manifest
+from pipelines.output.ids import IdColumn, count_in, id_strings
+from pipelines.output.layout import staging_name
 from pipelines.output.lock import OutputLock
+from pipelines.output.parts import WriteStats
+from pipelines.output.prepare import prepare_output
 from pipelines.output.retry import RetryPlan, commit_retry, parts_after, retry_of, stage_kept_rows, without
 from pipelines.progress import ProgressMonitor
 from pipelines.progress_plot import progress_png

@@ -26,8 +26,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from actors.engines.adapters import adapter_rank, resolve_adapters
-from pipelines.output.commit import check_output_mode, check_run_id_unused
 from pipelines.output.ids import IdColumn, IdReadError, partition, shown
+from pipelines.output.prepare import check_output_mode, check_run_id_unused
 from pipelines.storage import (
     filesystem_for,
     is_object_store,

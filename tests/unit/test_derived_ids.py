@@ -12,7 +12,8 @@ import yaml
 import pipelines.output.ids as ids_mod
 from jobs.run import main
 from pipelines.incremental import done_among, pending_files
-from pipelines.output.commit import audit, write_part_files
+from pipelines.output.audit import audit
+from pipelines.output.parts import write_part_files
 from pipelines.validate import validate_job
 from schemas.errors import JobError
 from schemas.rows import OUTPUT_SCHEMA

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipelines.output.ids as ids_mod
-from pipelines.output.commit import Audit, audit, write_part_files
+from pipelines.output.audit import Audit, audit
 from pipelines.output.ids import IdColumn, bucket_of, count_in, id_strings
+from pipelines.output.parts import write_part_files
 from pipelines.validate import check_ids
 from schemas.errors import JobError
 from schemas.rows import OUTPUT_SCHEMA

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from pipelines.output.commit import TMP_DIR, committed_ids, staging_name
+from pipelines.output.commit import committed_ids
+from pipelines.output.layout import TMP_DIR, staging_name
 from pipelines.output.lock import LockLost, OutputLock
 from pipelines.output.writer import PartBuffer, PartWriter, WriterActor, part_policy
 from pipelines.phi4mm import parts_summary
