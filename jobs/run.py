@@ -17,7 +17,7 @@ Several ``--config`` files merge in order, the later winning key by key (``schem
 ``--set engine.max_model_len=8192`` overrides any config key (validated like the file); ``--dry-run`` runs
 only the CPU stage, in this process, and prints what the run would do (``pipelines.dry_run``).
 ``--retry-errors CODE,...`` runs the output's error rows of those codes again, each new row replacing the
-old one (``pipelines.retry``). A run with nothing to do (every row done, no such error row) starts no Ray:
+old one (``pipelines.output.retry``). A run with nothing to do (every row done, no such error row) starts no Ray:
 it prints the summary and exits 0 in seconds.
 """
 
@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from actors.engines.vllm.stats import work_line
-from pipelines.lock import OutputLock
+from pipelines.output.lock import OutputLock
 from pipelines.validate import validate_job
 from schemas.errors import JobError
 from schemas.job import LOCAL_PATH_KEYS, MAX_CONFIG_CHARS, ConfigTooLarge, JobConfig, load_yaml

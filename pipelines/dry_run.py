@@ -21,8 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipelines.cpu_pool import prepare_in_processes, usable_cores
-from pipelines.io import committed_ids
-from pipelines.retry import retry_of, without
+from pipelines.output.commit import committed_ids
+from pipelines.output.retry import retry_of, without
 from pipelines.validate import JobPlan
 from schemas.job import JobConfig, pool_bounds
 from schemas.redact import redact

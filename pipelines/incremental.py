@@ -18,7 +18,7 @@ from dataclasses import replace
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.ids import IdColumn, footer_rows, shown
+from pipelines.output.ids import IdColumn, footer_rows, shown
 
 
 def pending_files(input_ids: IdColumn, done_ids: pa.Array) -> list[str]:

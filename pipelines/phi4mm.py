@@ -18,24 +18,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.ids import IdColumn, count_in
 from pipelines.incremental import done_among, file_segments, input_files_record, pending_files
-from pipelines.io import (
-    Audit,
-    WriteStats,
-    audit,
-    audit_ids,
-    commit_run,
-    id_strings,
-    prepare_output,
-    staging_name,
-    write_manifest,
-)
-from pipelines.lock import OutputLock
+from pipelines.output.audit import Audit, audit, audit_ids
+from pipelines.output.commit import commit_run, write_manifest
+from pipelines.output.ids import IdColumn, count_in, id_strings
+from pipelines.output.layout import staging_name
+from pipelines.output.lock import OutputLock
+from pipelines.output.parts import WriteStats
+from pipelines.output.prepare import prepare_output
+from pipelines.output.retry import RetryPlan, commit_retry, parts_after, retry_of, stage_kept_rows, without
 from pipelines.progress import ProgressMonitor
 from pipelines.progress_plot import progress_png
 from pipelines.provenance import provenance
-from pipelines.retry import RetryPlan, commit_retry, parts_after, retry_of, stage_kept_rows, without
 from pipelines.spec import StageSpec, apply
 from pipelines.validate import (
     JobPlan,
@@ -181,7 +175,7 @@ def read_input(
 
 def _read_with_derived_ids(config: JobConfig, fs, root: str, files, schema, select: dict):
     """``input.derived_ids``: each row's id is made from its file and its row in that file
-    (``pipelines.ids``), so a read task must see a whole file in order. Ray's read_parquet tells neither
+    (``pipelines.output.ids``), so a read task must see a whole file in order. Ray's read_parquet tells neither
     (``include_paths`` gives the file, but no row in it; ``include_row_hash`` hashes the absolute path and
     the row's position after filters), so each file is read by a task of its own, in file order, in
     batches of one CPU batch (a generator: a large file is never held whole)."""
@@ -262,7 +256,7 @@ class Work:
 
 def prepare_work(config: JobConfig, plan: JobPlan) -> Work:
     """Make the output ready (``prepare_output``: needs the output's lock) and decide what the run does:
-    which ids it skips (resume), which error rows it runs again (``pipelines.retry``), which files it
+    which ids it skips (resume), which error rows it runs again (``pipelines.output.retry``), which files it
     reads. Needs no Ray: ``jobs.run`` asks before it starts one, so a run with nothing to do starts none."""
     out = config.output
     done_ids = prepare_output(out)
@@ -362,10 +356,10 @@ def _run_locked(
         log=not sys.stderr.isatty(),  # a terminal has Ray Data's progress bars
         engines=lambda: ledger.actor_stats().get("generate", {}),
     ).start()
-    from pipelines.writer import write_stream
+    from pipelines.output.writer import write_stream
 
     # Parts of commit_every_rows rows (or commit_every_s seconds of rows) whatever the blocks' sizes:
-    # the writer actor buffers rows across blocks (pipelines.writer). An overwrite, and a retry (whose
+    # the writer actor buffers rows across blocks (pipelines.output.writer). An overwrite, and a retry (whose
     # new rows replace old ones), stage theirs until they commit.
     into = staging_name(run_id) if out.mode == "overwrite" or work.retry else None
     try:

@@ -5,7 +5,7 @@
 
 Reads only what it must: directory listings, the Parquet files' footers (their schemas and row counts)
 and the id column, streamed batch by batch and checked in hash buckets of at most about a million ids
-(``pipelines.ids``), so validation's memory does not grow with the input. Needs no Ray, so ``python -m jobs.run`` answers a mistake in seconds and exits 2 having changed
+(``pipelines.output.ids``), so validation's memory does not grow with the input. Needs no Ray, so ``python -m jobs.run`` answers a mistake in seconds and exits 2 having changed
 nothing. Files are listed as Ray reads them: ``*.parquet`` below ``input.path``, skipping names that start
 with ``_`` or ``.``.
 """
@@ -26,8 +26,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from actors.engines.adapters import adapter_rank, resolve_adapters
-from pipelines.ids import IdColumn, IdReadError, partition, shown
-from pipelines.io import check_output_mode, check_run_id_unused
+from pipelines.output.ids import IdColumn, IdReadError, partition, shown
+from pipelines.output.prepare import check_output_mode, check_run_id_unused
 from schemas.adapters import ADAPTERS, CONFIG_FILE, engine_lora_rank
 from schemas.errors import JobError
 from schemas.job import JobConfig, ModelConfig
@@ -305,7 +305,7 @@ def check_ids(ids: IdColumn, limit: int | None = None) -> pa.Array | None:
     rows in file order); return the first ``limit`` ids (None without a limit).
 
     One streaming pass over the id column (that column only): blanks are counted on the way, and the ids
-    go into hash buckets (``pipelines.ids.partition``) where repeats are counted one bucket at a time, so
+    go into hash buckets (``pipelines.output.ids.partition``) where repeats are counted one bucket at a time, so
     the driver holds about a million ids at most, whatever the input's size. A --limit run's first ids
     are few and kept. Derived ids are unique and never blank by construction: only the first are read."""
     if ids.root is not None:
@@ -408,7 +408,7 @@ def _refuse_repeated(buckets: Iterable[pa.Table], column: str) -> None:
 def check_output(config: JobConfig, files: list[str], writes: bool = True) -> None:
     """The output can be reached, does not overlap the input in any direction (``files``: the input's),
     and its state allows the mode; with ``writes``, a local output can also be created and written (on
-    an object store, taking the lock is the first write: ``pipelines.lock``)."""
+    an object store, taking the lock is the first write: ``pipelines.output.lock``)."""
     out, inp = config.output.path, config.input.path
     fs, root, _ = _reach("output.path", out)
     out_at, in_at = location(out), location(inp)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines.io import committed_ids
+from pipelines.output.commit import committed_ids
 from pipelines.phi4mm import run_pipeline
 from schemas import storage
 from tests.helpers import MEDIA, REPO, make_config

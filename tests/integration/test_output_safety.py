@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.io import committed_ids, committed_parts, id_strings
+from pipelines.output.commit import committed_ids, committed_parts
+from pipelines.output.ids import id_strings
 from pipelines.phi4mm import run_pipeline
 from schemas.errors import JobError
 from tests.helpers import REPO, make_config

@@ -8,7 +8,7 @@ import pytest
 
 from actors.preprocess import PreprocessRows
 from jobs.make_sample_data import SCHEMA, sample_rows
-from pipelines.io import committed_parts
+from pipelines.output.commit import committed_parts
 from pipelines.phi4mm import run_pipeline
 from tests.helpers import MEDIA, make_config
 

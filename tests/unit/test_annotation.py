@@ -205,7 +205,7 @@ def test_a_chunked_row_is_flagged_when_a_window_looped_and_its_confidence_is_mer
 
 def test_the_summary_counts_looped_rows():
     from jobs.run import format_summary
-    from pipelines.io import WriteStats
+    from pipelines.output.parts import WriteStats
 
     table = pa.Table.from_pylist(
         [{**{f.name: None for f in OUTPUT_SCHEMA}, "id": str(i), "status": "ok", "finish_reason": reason}

@@ -12,7 +12,7 @@ import yaml
 from jobs.make_sample_data import SCHEMA, sample_rows
 from jobs.run import load_config, main, parse_args
 from pipelines.dry_run import BENCHMARK, default_rate
-from pipelines.io import write_part_files
+from pipelines.output.parts import write_part_files
 from schemas.rows import OUTPUT_SCHEMA
 from tests.helpers import MEDIA, make_config
 

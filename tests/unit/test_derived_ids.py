@@ -1,5 +1,5 @@
 """Hugging Face datasets exports as they are (no id column): ``input.derived_ids`` makes each row's id from
-its file and row (``pipelines.ids``), and every reader of ids (validation, a --limit run, resume's pending
+its file and row (``pipelines.output.ids``), and every reader of ids (validation, a --limit run, resume's pending
 files and skip sets, the read tasks, the dry run, the audit) sees the same ids."""
 
 import json
@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import pipelines.ids as ids_mod
+import pipelines.output.ids as ids_mod
 from jobs.run import main
 from pipelines.incremental import done_among, pending_files
-from pipelines.io import audit, write_part_files
+from pipelines.output.audit import audit
+from pipelines.output.parts import write_part_files
 from pipelines.validate import validate_job
 from schemas.errors import JobError
 from schemas.rows import OUTPUT_SCHEMA

@@ -1,4 +1,4 @@
-"""Ids in bounded memory (pipelines.ids): the bucketed path (forced with a tiny bucket) finds exactly what
+"""Ids in bounded memory (pipelines.output.ids): the bucketed path (forced with a tiny bucket) finds exactly what
 the in-memory path finds, for validation and the audit, and never holds more than a bucket of ids."""
 
 import random
@@ -10,9 +10,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.ids as ids_mod
-from pipelines.ids import IdColumn, bucket_of, count_in, id_strings
-from pipelines.io import Audit, audit, write_part_files
+import pipelines.output.ids as ids_mod
+from pipelines.output.audit import Audit, audit
+from pipelines.output.ids import IdColumn, bucket_of, count_in, id_strings
+from pipelines.output.parts import write_part_files
 from pipelines.validate import check_ids
 from schemas.errors import JobError
 from schemas.rows import OUTPUT_SCHEMA

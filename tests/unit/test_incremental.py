@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.ids import IdColumn
 from pipelines.incremental import done_among, file_segments, input_files_record, pending_files
+from pipelines.output.ids import IdColumn
 
 
 def _inbox(tmp_path, files: dict[str, list]) -> IdColumn:

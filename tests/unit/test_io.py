@@ -12,20 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.io as io
-from pipelines.io import (
-    TMP_DIR,
-    audit,
-    commit_run,
-    committed_ids,
-    committed_parts,
-    id_strings,
-    prepare_output,
-    staging_name,
-    write_in_parts,
-    write_part_files,
-)
-from pipelines.lock import LOCK_NAME, LockLost, OutputLock, assert_lock_held, read_lock
+import pipelines.output.commit as commit
+import pipelines.output.parts as parts
+from pipelines.output.audit import audit
+from pipelines.output.commit import commit_run, committed_ids, committed_parts
+from pipelines.output.ids import id_strings
+from pipelines.output.interrupted import finish_interrupted_swaps
+from pipelines.output.layout import TMP_DIR, staging_name
+from pipelines.output.lock import LOCK_NAME, LockLost, OutputLock, assert_lock_held, read_lock
+from pipelines.output.parts import write_part_files
+from pipelines.output.prepare import check_output_mode, prepare_output
+from pipelines.output.writer import write_in_parts
 from schemas.errors import JobError
 from schemas.job import OutputConfig
 from schemas.rows import OUTPUT_SCHEMA
@@ -62,7 +59,7 @@ def test_a_crash_mid_write_leaves_no_visible_part(tmp_path, monkeypatch):
         sink.write(b"PAR1 half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(io.pq, "write_table", crash)
+    monkeypatch.setattr(parts.pq, "write_table", crash)
     with pytest.raises(OSError):
         write_part_files(_rows(["a"]), str(tmp_path), "run1", 0, 10)
     assert committed_parts(str(tmp_path)) == []
@@ -107,12 +104,12 @@ def test_a_swap_cut_short_is_finished_by_the_next_run(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     commit_run(out, "old", "resume", write_part_files(_rows(["a"]), out, "old", 0, 10).files)
     write_part_files(_rows(["x"]), out, "new", 0, 10, into=staging_name("new"))
-    real_swap = io._swap
-    monkeypatch.setattr(io, "_swap", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # dies mid-swap
+    real_swap = commit.swap
+    monkeypatch.setattr(commit, "swap", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # dies mid-swap
     with pytest.raises(KeyboardInterrupt):
         commit_run(out, "new", "overwrite", [])
     assert _out_ids(out) == ["a"]  # the marker is written, nothing moved yet
-    monkeypatch.setattr(io, "_swap", real_swap)
+    monkeypatch.setattr(commit, "swap", real_swap)
     assert prepare_output(OutputConfig(path=out, mode="resume")).to_pylist() == ["x"]
     assert _out_ids(out) == ["x"]
 
@@ -147,7 +144,7 @@ def test_a_swap_keeps_a_file_an_older_marker_replaced_but_no_run_wrote(tmp_path)
     marker = {"run_id": "new", "mode": "overwrite", "parts": ["part-new-000000-0000.parquet"],
               "replaces": [stray.name], "committed_at": ""}  # fmt: skip
     (out / "_committed-new.json").write_text(json.dumps(marker))  # as the swap was cut short
-    io.finish_interrupted_swaps(str(out))
+    finish_interrupted_swaps(str(out))
     assert stray.exists() and _out_ids(out) == ["mine", "x"]
 
 
@@ -165,7 +162,7 @@ def test_parts_of_a_run_that_ended_without_its_marker_are_named_when_it_gives_th
     # lock over names them
     _write_lock(out, run_id="killed", host="elsewhere", heartbeat=time.time() - 3600)
     killed = write_part_files(_rows(["c"]), str(out), "killed", 0, 10).files
-    io.check_output_mode(OutputConfig(path=str(out), mode="overwrite"))
+    check_output_mode(OutputConfig(path=str(out), mode="overwrite"))
     with OutputLock(str(out), "new"):
         prepare_output(OutputConfig(path=str(out), mode="overwrite"))
         write_part_files(_rows(["x"]), str(out), "new", 0, 10, into=staging_name("new"))

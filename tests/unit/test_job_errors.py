@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from jobs.run import main
-from pipelines.io import commit_run, write_part_files
-from pipelines.lock import OutputLock
+from pipelines.output.commit import commit_run
+from pipelines.output.lock import OutputLock
+from pipelines.output.parts import write_part_files
 from pipelines.validate import validate_job
 from schemas.job import JobConfig
 from schemas.rows import OUTPUT_SCHEMA

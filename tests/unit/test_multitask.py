@@ -191,7 +191,7 @@ def test_a_choice_tasks_struct_carries_each_choices_probability():
 
 
 def test_the_summary_counts_each_tasks_finish_reason_looped_answers_included():
-    from pipelines.io import WriteStats
+    from pipelines.output.parts import WriteStats
 
     def answer(reason):
         return {"status": "ok", "text": "x", "finish_reason": reason}

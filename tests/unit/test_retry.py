@@ -1,4 +1,4 @@
-"""Error rows run again into the same output (``pipelines.retry``): which rows, the staged rewrite of the
+"""Error rows run again into the same output (``pipelines.output.retry``): which rows, the staged rewrite of the
 parts holding them, one commit that replaces them, and a retry killed before or during its commit."""
 
 import json
@@ -7,18 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.retry as retry_mod
-from pipelines.io import (
-    audit,
-    audit_ids,
-    commit_run,
-    committed_ids,
-    committed_parts,
-    prepare_output,
-    staging_name,
-    write_part_files,
-)
-from pipelines.retry import commit_retry, parts_after, retry_of, stage_kept_rows
+import pipelines.output.retry as retry_mod
+from pipelines.output.audit import audit, audit_ids
+from pipelines.output.commit import commit_run, committed_ids, committed_parts
+from pipelines.output.layout import staging_name
+from pipelines.output.parts import write_part_files
+from pipelines.output.prepare import prepare_output
+from pipelines.output.retry import commit_retry, parts_after, retry_of, stage_kept_rows
 from schemas.job import OutputConfig
 from schemas.rows import OUTPUT_SCHEMA
 
@@ -151,7 +146,7 @@ def test_a_retry_killed_mid_swap_is_finished_by_the_next_run(tmp_path, monkeypat
         fs.move(f"{root}/{staging_name(marker['run_id'])}/{name}", f"{root}/{name}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(retry_mod, "_swap", one_move_then_die)
+    monkeypatch.setattr(retry_mod, "swap", one_move_then_die)
     with pytest.raises(KeyboardInterrupt):
         commit_retry(out, "again", staged, retry)
     assert all(len(v) >= 1 for v in _reader_view(out).values())  # mid-swap: some rows twice, none gone

@@ -1,4 +1,4 @@
-"""When the output's parts are committed (pipelines/writer.py): once output.commit_every_rows rows wait,
+"""When the output's parts are committed (pipelines/output/writer.py): once output.commit_every_rows rows wait,
 once the oldest waiting row has waited output.commit_every_s seconds, and the rest at the end; parts stay
 atomic, lock-checked and uniquely named. A stand-in clock: no sleeps."""
 
@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from pipelines.io import TMP_DIR, committed_ids, staging_name
-from pipelines.lock import LockLost, OutputLock
+from pipelines.output.commit import committed_ids
+from pipelines.output.layout import TMP_DIR, staging_name
+from pipelines.output.lock import LockLost, OutputLock
+from pipelines.output.writer import PartBuffer, PartWriter, WriterActor, part_policy
 from pipelines.phi4mm import parts_summary
-from pipelines.writer import PartBuffer, PartWriter, WriterActor, part_policy
 from schemas.job import OutputConfig
 from schemas.rows import OUTPUT_SCHEMA
 

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
 
+from pipelines.output.interrupted import record_interrupted_run
+from pipelines.output.layout import WRITERS
 from schemas.errors import JobError
 from schemas.storage import filesystem_for, unwritable
 
@@ -170,9 +172,6 @@ class OutputLock:
 
     def _record(self, run_id: str) -> None:
         """Give ``run_id`` (a run that ended without its commit marker) a marker naming its parts."""
-        from pipelines.io import record_interrupted_run
-        from pipelines.writer import WRITERS
-
         try:
             record_interrupted_run(self.uri, run_id, WRITERS)
         except OSError as e:  # a correction for lagging listings: without it resume lists them as before

@@ -16,11 +16,11 @@ A part mixes rows to keep with rows to replace, so rows are replaced, not parts:
 to replace is rewritten (staged) without it, and the run's commit marker names its new parts (new results
 and rewritten parts) and the old parts they replace (``replaces``, as an overwrite's marker does). The
 marker is one write; then the swap moves the new parts in and deletes the old ones, and a swap cut short
-is finished by the next run (``pipelines.io.finish_interrupted_swaps``). Before the marker the output is
-unchanged: a retry killed or failing its audit leaves every old row in place, and the next run removes
-its staged parts. Resume and the audit follow the markers (``committed_parts``), so they see the old rows
-or the new ones; a plain reader listing ``part-*.parquet`` during the swap may see both for its duration
-(a retried id twice), never neither.
+is finished by the next run (``pipelines.output.interrupted.finish_interrupted_swaps``). Before the
+marker the output is unchanged: a retry killed or failing its audit leaves every old row in place, and
+the next run removes its staged parts. Resume and the audit follow the markers (``committed_parts``), so
+they see the old rows or the new ones; a plain reader listing ``part-*.parquet`` during the swap may see
+both for its duration (a retried id twice), never neither.
 """
 
 from __future__ import annotations
@@ -33,22 +33,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.ids import IdColumn, array_batches, id_strings
-from pipelines.io import (
-    IdsLike,
-    _name,
-    _swap,
-    _write_atomically,
-    _write_marker,
-    committed_parts,
-    part_name,
-    staging_name,
-)
+from pipelines.output.audit import IdsLike
+from pipelines.output.commit import committed_parts, swap, write_marker
+from pipelines.output.ids import IdColumn, array_batches, id_strings
+from pipelines.output.layout import name_of, part_name, staging_name, write_atomically
 from schemas.job import OutputConfig
 from schemas.storage import filesystem_for
 
-RETRY_MODE = "retry"  # the commit marker's mode (pipelines.io.SWAPPING_MODES)
-KEPT_WRITER = 999_999  # part_name's writer index for rewritten parts: past any writer's (pipelines.writer)
+RETRY_MODE = "retry"  # the commit marker's mode (pipelines.output.commit.SWAPPING_MODES)
+# part_name's writer index for rewritten parts: past any writer's (pipelines.output.writer)
+KEPT_WRITER = 999_999
 
 
 @dataclass(frozen=True)
@@ -80,7 +74,7 @@ def plan_retry(uri: str, codes: Iterable[str], code_column: str, run_ids: IdsLik
         table = pq.read_table(path, filesystem=fs, columns=["id", code_column])
         hit = pc.fill_null(pc.is_in(table.column(code_column), value_set=pa.array(codes, pa.string())), False)
         if pc.any(hit).as_py():
-            found[_name(path)] = id_strings(table.column("id").filter(hit))
+            found[name_of(path)] = id_strings(table.column("id").filter(hit))
     if not found:
         return RetryPlan(codes, {})
     candidates = pa.concat_arrays(list(found.values()))
@@ -121,7 +115,7 @@ def stage_kept_rows(uri: str, run_id: str, retry: RetryPlan) -> list[str]:
         name = part_name(run_id, KEPT_WRITER, len(names))
         buffer = pa.BufferOutputStream()
         pq.write_table(kept, buffer, compression="zstd")
-        _write_atomically(fs, staging, name, buffer.getvalue())  # whole, as every part
+        write_atomically(fs, staging, name, buffer.getvalue())  # whole, as every part
         names.append(name)
     return names
 
@@ -130,7 +124,7 @@ def parts_after(uri: str, run_id: str, retry: RetryPlan, staged: Iterable[str]) 
     """The ``id`` column of the output as ``commit_retry`` will leave it: its parts less those replaced,
     plus the run's staged ones. What the retry's audit checks before anything is committed."""
     fs, root = filesystem_for(uri)
-    kept = [p for p in committed_parts(uri) if _name(p) not in retry.parts]
+    kept = [p for p in committed_parts(uri) if name_of(p) not in retry.parts]
     return IdColumn.of_files(
         fs, kept + [f"{root}/{staging_name(run_id)}/{n}" for n in sorted(staged)], "id", uri
     )
@@ -149,6 +143,6 @@ def commit_retry(uri: str, run_id: str, staged: Iterable[str], retry: RetryPlan)
         "retried": {"codes": list(retry.codes), "rows": retry.rows},
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_marker(fs, root, marker)
-    _swap(fs, root, marker)
+    write_marker(fs, root, marker)
+    swap(fs, root, marker)
     return marker

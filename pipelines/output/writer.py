@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 
-from pipelines.io import WriteStats, write_part_files
+from pipelines.output.layout import WRITERS
+from pipelines.output.parts import WriteStats, write_part_files
 from pipelines.spec import on_driver_node
 from schemas.job import OutputConfig, StorageConfig
 from schemas.output import OutputShape
 from schemas.storage import use
 
-WRITERS = 1  # writing a part takes milliseconds per thousand rows: one writer keeps up with any engine pool
 MAX_BLOCKS_IN_FLIGHT = 4  # blocks handed to the writer and not yet taken in: the driver waits beyond this
 
 
@@ -143,6 +143,24 @@ class PartWriter:
                 shape=self.shape,
             )
         )  # fmt: skip
+
+
+def write_in_parts(
+    tables: Iterable[pa.Table],
+    uri: str,
+    run_id: str,
+    index: int,
+    part_rows: int,
+    *,
+    into: str | None = None,
+    lock_run_id: str | None = None,
+) -> WriteStats:
+    """Tables committed as part files of ``part_rows`` rows as soon as that many have come, the rest at
+    the end, in this process (``PartWriter``, with no time limit: nothing ticks here)."""
+    writer = PartWriter(uri, run_id, index, part_rows, into=into, lock_run_id=lock_run_id)
+    for table in tables:
+        writer.add(table)
+    return writer.close()
 
 
 class WriterActor(PartWriter):
