@@ -47,6 +47,9 @@ class LocalAttemptLedger:
         self._death_of = death_of
         self._unfinished: dict[str, list[Hashable]] = {}  # row id -> the holder of each unfinished attempt
         self._verdicts: dict[Hashable, str] = {}  # dead holders, whose death each was
+        # holders of attempts that ended without their rows (a row came back and finished elsewhere) whose
+        # death was not known yet when it came back: judged again when the deaths are counted
+        self._gone: set[Hashable] = set()
         self._stats: dict[str, dict[str, dict]] = {}
         self._lock = threading.Lock()
 
@@ -70,14 +73,14 @@ class LocalAttemptLedger:
     def finish(self, ids: list[str]) -> None:
         with self._lock:
             for i in ids:
-                self._unfinished.pop(i, None)
+                earlier = self._unfinished.pop(i, [])[:-1]  # the last attempt is the one finishing now
+                self._gone.update(h for h in earlier if h is not None and h not in self._verdicts)
 
     def engine_deaths(self) -> dict[str, int]:
         """Engine deaths with rows in them, by whose they were: ``{"cluster": N, "suspect": M}``."""
         with self._lock:
-            for holders in list(self._unfinished.values()):
-                for h in holders:
-                    self._verdict(h)
+            for h in [h for holders in self._unfinished.values() for h in holders] + list(self._gone):
+                self._verdict(h)
             counts = Counter(self._verdicts.values())
             return {CLUSTER: counts[CLUSTER], SUSPECT: counts[SUSPECT]}
 

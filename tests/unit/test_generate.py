@@ -257,3 +257,16 @@ def test_rows_sharing_an_id_count_one_crash_once(tiny_model, tmp_path):
     out = stage(pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)).to_pylist()
     assert [r["status"] for r in out] == ["ok", "ok"] and [r["id"] for r in out] == ["dup", "dup"]
     assert ledger.started == [["dup"]]  # had the engine died here, "dup" would be a suspect, not quarantined
+
+
+def test_a_death_not_yet_known_when_its_row_came_back_is_counted_at_the_end():
+    from actors.attempts import CLUSTER, LocalAttemptLedger
+
+    known: dict = {}  # what the cluster has recorded so far
+    ledger = LocalAttemptLedger(known.get)
+    ledger.start(["r"], "node-1")  # the row is in an engine whose node is then lost
+    ledger.start(["r"], "node-2")  # it came back before the loss was recorded: held against it once
+    assert ledger.attempts(["r"]) == [2]
+    ledger.finish(["r"])  # answered on node-2
+    known["node-1"] = CLUSTER  # the loss reaches the records
+    assert ledger.engine_deaths() == {"cluster": 1, "suspect": 0}  # before: 0, the death never counted
