@@ -37,9 +37,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
-from bench.gpu import PROFILES, Monitor, _device, _has_gpu, _mean, build_inputs, merge
+from bench.gpu import PROFILES, Monitor, _device, _has_gpu, _mean, build_inputs, side_env, write_job
 from bench.report import RESULTS, write_report
 
 # One lever each against "base" (the cuda profile's settings, which the pipeline runs with).
@@ -256,19 +254,13 @@ def prepare_once(config_path: Path, work: Path) -> Path:
 
 
 def write_arm_config(profile: str, arm: str, data: Path, model: Path, work: Path) -> Path:
+    """An arm's job: the profile's with the arm's engine settings; every arm shares one compile cache, so
+    only the first compiles cold."""
     over = {k: v for k, v in ARMS[arm].items() if k != "order"}
-    job = merge(PROFILES[profile]["job"], over)
-    job["input"] = {"path": str(data)}
-    job["output"] = {"path": str(work / "out-unused"), "mode": "overwrite"}
-    job["model"]["path"] = str(model)
-    if profile == "cuda":
-        job["engine"]["compile_cache_dir"] = str(work / "compile-cache")
-    path = work / f"config-{arm}.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+    return write_job(profile, arm, over, data, model, work, "engine-work")
 
 
-def summarize(arm: str, r: dict, monitor: Monitor, device: str) -> dict:
+def summarize(r: dict, monitor: Monitor, device: str) -> dict:
     m = r.pop("marks")
     out = {k: v for k, v in r.items() if k not in ("work", "profile", "params")}
     out.update({f"work.{k}": v for k, v in r["work"].items()})
@@ -313,17 +305,10 @@ def main(argv=None) -> None:
     try:
         for n, arm in enumerate(a for a in args.arms.split(",") if a):
             config = write_arm_config(profile, arm, data, model, work)
-            from pipelines.phi4mm import compile_cache_env
-            from schemas.job import JobConfig
-
-            engine = JobConfig.from_yaml(config).engine
-            env = {**os.environ, **compile_cache_env(engine.compile_cache_dir), **engine.env}
-            env.setdefault(
-                "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
-            )  # the engine in the arm's process, as in the actor
-            env["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = (
-                "1"  # vLLM's own profiler scopes (cheap when not profiling)
-            )
+            env = side_env(config)
+            # the engine in the arm's process, as in the GPU actor; vLLM's own profiler scopes (cheap unprofiled)
+            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            env["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
             steps = args.torch_profile_steps if n == 0 else 0
             cmd = [sys.executable, "-m", "bench.engine_work", "--run-arm", arm, "--work", str(work),
                    "--torch-profile-steps", str(steps)]  # fmt: skip
@@ -332,7 +317,7 @@ def main(argv=None) -> None:
             if code:
                 print(f"{arm}: failed (exit {code}); see {work / f'log-{arm}.txt'}", flush=True)
                 continue
-            arms[arm] = summarize(arm, json.loads((work / f"arm-{arm}.json").read_text()), monitor, device)
+            arms[arm] = summarize(json.loads((work / f"arm-{arm}.json").read_text()), monitor, device)
             print(f"{arm}: {json.dumps(arms[arm])}", flush=True)
             _write(
                 arms, out, profile, device, args

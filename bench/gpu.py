@@ -184,20 +184,38 @@ def merge(base: dict, over: dict) -> dict:
     }
 
 
-def write_config(profile: str, mode: str, data: Path, model: Path, work: Path) -> Path:
-    job = merge(PROFILES[profile]["job"], VARIANTS.get(mode, {}))
+def write_job(profile: str, name: str, over: dict, data: Path, model: Path, work: Path, cache: str) -> Path:
+    """``work/config-<name>.yaml``: the profile's job with ``over`` merged in, on this dataset and
+    checkpoint, and on ``cuda`` the compile cache ``work/compile-cache-<cache>``."""
+    job = merge(PROFILES[profile]["job"], over)
     job["input"] = {"path": str(data)}
-    job["output"] = {"path": str(work / f"out-{mode}"), "mode": "overwrite"}
-    transformers = job["engine"].get("backend") == "transformers"
-    job["model"]["path"] = str(transformers_checkpoint(model) if transformers else model)
+    job["output"] = {"path": str(work / f"out-{name}"), "mode": "overwrite"}
+    job["model"]["path"] = str(model)
     if profile == "cuda":
-        # Every side starts on a cache of its own (cold on a fresh work dir), so no side's start is
-        # flattered by graphs another side compiled; the engine alone reuses the pipeline's on purpose.
-        side = "pipeline" if mode == "engine" else mode
-        job["engine"]["compile_cache_dir"] = str(work / f"compile-cache-{side}")
-    path = work / f"config-{mode}.yaml"
+        job["engine"]["compile_cache_dir"] = str(work / f"compile-cache-{cache}")
+    path = work / f"config-{name}.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+def write_config(profile: str, mode: str, data: Path, model: Path, work: Path) -> Path:
+    over = VARIANTS.get(mode, {})
+    transformers = over.get("engine", {}).get("backend") == "transformers"
+    # Every side starts on a cache of its own (cold on a fresh work dir), so no side's start is flattered
+    # by graphs another side compiled; the engine alone reuses the pipeline's on purpose.
+    cache = "pipeline" if mode == "engine" else mode
+    return write_job(
+        profile, mode, over, data, transformers_checkpoint(model) if transformers else model, work, cache
+    )
+
+
+def side_env(config: Path) -> dict[str, str]:
+    """The environment a side runs in: this one's, plus the job's compile caches and ``engine.env``."""
+    from pipelines.phi4mm import compile_cache_env
+    from schemas.job import JobConfig
+
+    engine = JobConfig.from_yaml(config).engine
+    return {**os.environ, **compile_cache_env(engine.compile_cache_dir), **engine.env}
 
 
 def run_side(
@@ -206,11 +224,7 @@ def run_side(
     """One side in a fresh process, with the engine's environment. Its figures (from its own marks and the
     monitor's samples) and samples go to ``work/side-<mode>.json``, so sides run in separate invocations
     (one device call each) make one report."""
-    from pipelines.phi4mm import compile_cache_env
-    from schemas.job import JobConfig
-
-    engine = JobConfig.from_yaml(config).engine
-    env = {**os.environ, **compile_cache_env(engine.compile_cache_dir), **engine.env}
+    env = side_env(config)
     result_path = work / f"result-{mode}.json"
     runner = mode.split("-")[0]  # pipeline-shared is the pipeline with another config
     cmd = [
