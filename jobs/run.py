@@ -30,7 +30,6 @@ import os
 import re
 import sys
 import time
-import types
 import typing
 import uuid
 from itertools import pairwise
@@ -45,6 +44,7 @@ from pipelines.validate import validate_job
 from schemas.errors import JobError
 from schemas.job import LOCAL_PATH_KEYS, MAX_CONFIG_CHARS, ConfigTooLarge, JobConfig, load_yaml
 from schemas.redact import install_log_filter, redact
+from schemas.reference import one_type
 
 logger = logging.getLogger("phi4mm_batch")
 
@@ -179,21 +179,11 @@ def _spaced_flow_keys(text: str) -> str:
     return text
 
 
-def _one_type(annotation):
-    """``str`` for ``str | None`` or ``Annotated[str, ...]``; any other annotation as it is."""
-    if typing.get_origin(annotation) is typing.Annotated:
-        return _one_type(typing.get_args(annotation)[0])
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _one_type(kinds[0]) if len(kinds) == 1 else annotation
-    return annotation
-
-
 def _holds_text(key: str) -> bool:
     """Whether the dotted config key holds text (``engine.env.X``, ``model.name``, ``task.template``)."""
     annotation = JobConfig
     for part in key.split("."):
-        annotation = _one_type(annotation)
+        annotation = one_type(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if part not in annotation.model_fields:
                 return False
@@ -202,7 +192,7 @@ def _holds_text(key: str) -> bool:
             annotation = typing.get_args(annotation)[1]
         else:
             return False
-    return _one_type(annotation) is str
+    return one_type(annotation) is str
 
 
 # --set KEY=VALUE, repeatable: (KEY, VALUE read as YAML) pairs in args.sets (also jobs.from_manifest's)

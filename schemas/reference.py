@@ -65,12 +65,28 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def rows(model: type[BaseModel], prefix: str, seen: set) -> list[tuple[str, str, str, str, list]]:
+def one_type(annotation):
+    """The one type an annotation allows besides None: ``str`` for ``str | None`` or ``Annotated[str, ...]``;
+    any other annotation as it is."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return one_type(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return one_type(kinds[0]) if len(kinds) == 1 else annotation
+    return annotation
+
+
+def rows(model: type[BaseModel], prefix: str, seen: set) -> list[tuple[str, str, str, str, list, str]]:
+    """A section's keys: each with its type, default, description, the models it holds that are not listed
+    yet, and the prefix of their keys (a mapping of models, such as ``tasks``, is keyed by the user's names)."""
     out = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         nested = [m for m in _models_in(field.annotation) if m not in seen]
-        out.append((key, _type_name(field.annotation), _default(field), field.description or "", nested))
+        child = f"{key}.<name>." if typing.get_origin(one_type(field.annotation)) is dict else f"{key}."
+        out.append(
+            (key, _type_name(field.annotation), _default(field), field.description or "", nested, child)
+        )
     return out
 
 
@@ -86,28 +102,15 @@ def reference() -> str:
     queue: list[tuple[str, type[BaseModel]]] = [("", JobConfig)]
     while queue:
         prefix, model = queue.pop(0)
-        title = prefix.rstrip(".") or "top level"
-        lines += ["", f"## `{title}`" if prefix else "## Sections", ""]
+        lines += ["", f"## `{prefix.rstrip('.')}`" if prefix else "## Sections", ""]
         if model.__doc__ and prefix and model.__doc__.strip() != BaseModel.__doc__.strip():
             lines += [_cell(model.__doc__.strip().split("\n\n")[0]), ""]
         lines += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
-        for key, type_name, default, description, nested in rows(model, prefix, seen):
+        for key, type_name, default, description, nested, child in rows(model, prefix, seen):
             lines.append(f"| `{key}` | {_cell(type_name)} | {_cell(default)} | {_cell(description)} |")
-            for sub in nested:
-                seen.add(sub)
-                # a mapping of models (tasks: name -> task) is keyed by the user's names
-                mapping = typing.get_origin(
-                    _unwrap_optional(model.model_fields[key.rsplit(".", 1)[-1]].annotation)
-                )
-                queue.append((f"{key}.<name>." if mapping is dict else f"{key}.", sub))
+            seen.update(nested)
+            queue += [(child, sub) for sub in nested]
     return "\n".join(lines) + "\n"
-
-
-def _unwrap_optional(annotation):
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return annotation
 
 
 if __name__ == "__main__":
